@@ -1,0 +1,59 @@
+# APIForge: `make run` (development server on PORT, default 8000) and `make test` (lint, types, tests).
+SHELL := /bin/bash
+PORT ?= 8000
+HOST ?= 127.0.0.1
+WEB_CONCURRENCY ?= 2
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat requirements/*.txt | sha1sum | cut -c1-12)
+
+.PHONY: run serve test lint typecheck bench worker beat clean
+
+$(STAMP): requirements/base.txt requirements/prod.txt requirements/dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements/dev.txt
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Development: embedded default (SQLite, in-process cache/limiter/channel layer, eager Celery)
+# unless DATABASE_URL / REDIS_URL are set. One process.
+run: $(STAMP)
+	APP_ENV=$${APP_ENV:-development} $(BIN)/python manage.py migrate --noinput
+	APP_ENV=$${APP_ENV:-development} $(BIN)/python manage.py bootstrap_dev
+	APP_ENV=$${APP_ENV:-development} $(BIN)/uvicorn apiforge.asgi:application --host $(HOST) --port $(PORT) \
+		--loop uvloop --http httptools --lifespan on
+
+# Production-style serving: uvicorn workers (uvloop + httptools), WEB_CONCURRENCY processes.
+serve: $(STAMP)
+	$(BIN)/python manage.py migrate --noinput
+	$(BIN)/python manage.py collectstatic --noinput -v 0
+	$(BIN)/uvicorn apiforge.asgi:application --host $(HOST) --port $(PORT) --workers $(WEB_CONCURRENCY) \
+		--loop uvloop --http httptools --lifespan on --no-access-log --timeout-keep-alive 30
+
+worker: $(STAMP)
+	$(BIN)/celery -A apiforge worker -l INFO
+
+beat: $(STAMP)
+	$(BIN)/celery -A apiforge beat -l INFO
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+typecheck: $(STAMP)
+	$(BIN)/mypy .
+
+test: lint typecheck
+	APP_ENV=test $(BIN)/python manage.py makemigrations --check --dry-run
+	APP_ENV=test $(BIN)/pytest --cov --cov-report=term
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .coverage staticfiles

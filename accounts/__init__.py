@@ -1,0 +1,1 @@
+"""Users and authentication: custom User, registration, JWT login/refresh/logout, login throttling."""

@@ -1,0 +1,119 @@
+"""In-process caches kept coherent across worker processes through a generation counter.
+
+The proxy's hot path reads keys and models from process memory: a dict lookup,
+no network. Each ``SyncedLocalCache`` has a namespace whose *generation* lives in
+the shared Django cache (Redis when ``REDIS_URL`` is set, local memory in the
+embedded default). A write anywhere calls ``invalidate()``, which bumps the
+generation; every process compares its generation with the shared one at most
+once per ``CACHE_SYNC_INTERVAL_S`` (default 0.5 s) and drops its entries when it
+changed. So a change is seen everywhere within that interval plus one request,
+and the steady state costs one small Redis GET per interval per process, not
+per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from typing import Generic, TypeVar
+
+from django.conf import settings
+from django.core.cache import cache
+
+logger = logging.getLogger(__name__)
+
+V = TypeVar("V")
+
+_instances: weakref.WeakSet[SyncedLocalCache[object]] = weakref.WeakSet()
+
+
+def local_caches_clear() -> None:
+    """Forget every local cache's entries in this process (used between tests)."""
+    for instance in list(_instances):
+        instance.clear_local()
+
+
+class SyncedLocalCache(Generic[V]):
+    """A TTL dict whose entries vanish on every process when ``invalidate()`` is called anywhere."""
+
+    def __init__(self, namespace: str, *, ttl: float, max_entries: int = 100_000) -> None:
+        self.namespace = namespace
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[float, V]] = {}
+        self._generation: int | None = None
+        self._checked_at = 0.0
+        self._lock = threading.Lock()
+        _instances.add(self)  # type: ignore[arg-type]
+
+    @property
+    def generation_key(self) -> str:
+        return f"gen:{self.namespace}"
+
+    def _shared_generation(self) -> int:
+        value = cache.get(self.generation_key)
+        if value is None:
+            # First use of the namespace: start it, without racing another process's bump.
+            cache.add(self.generation_key, 1, timeout=None)
+            value = cache.get(self.generation_key, 1)
+        return int(value)
+
+    def sync(self, *, force: bool = False) -> None:
+        """Drop local entries if another process invalidated the namespace since the last look."""
+        now = time.monotonic()
+        if not force and now - self._checked_at < settings.CACHE_SYNC_INTERVAL_S:
+            return
+        self._checked_at = now
+        try:
+            generation = self._shared_generation()
+        except Exception:
+            # The shared cache is down: keep serving from memory; entries still expire by TTL.
+            logger.warning("cache generation check failed for %s", self.namespace, exc_info=True)
+            return
+        if generation != self._generation:
+            with self._lock:
+                self._entries.clear()
+                self._generation = generation
+
+    def get(self, key: str, default: V | None = None) -> V | None:
+        """The cached value, or ``default`` when absent or expired."""
+        self.sync()
+        entry = self._entries.get(key)
+        if entry is None:
+            return default
+        expires, value = entry
+        if expires < time.monotonic():
+            self._entries.pop(key, None)
+            return default
+        return value
+
+    def set(self, key: str, value: V, *, ttl: float | None = None) -> None:
+        if len(self._entries) >= self.max_entries:
+            with self._lock:
+                self._entries.clear()
+        self._entries[key] = (time.monotonic() + (self.ttl if ttl is None else ttl), value)
+
+    def invalidate(self) -> None:
+        """Drop every entry here now, and on every other process within the sync interval."""
+        try:
+            try:
+                generation = cache.incr(self.generation_key)
+            except ValueError:
+                cache.add(self.generation_key, 1, timeout=None)
+                generation = cache.incr(self.generation_key)
+        except Exception:
+            logger.warning("cache generation bump failed for %s", self.namespace, exc_info=True)
+            generation = None
+        with self._lock:
+            self._entries.clear()
+            self._generation = generation
+            self._checked_at = time.monotonic()
+
+    def clear_local(self) -> None:
+        """Forget everything in this process only (tests, shutdown)."""
+        with self._lock:
+            self._entries.clear()
+            self._generation = None
+            self._checked_at = 0.0

@@ -1,0 +1,25 @@
+"""URL wiring: admin, auth, management API, docs, health, and the proxy's Django views."""
+
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
+
+from apiforge import health
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("auth/", include("accounts.urls")),
+    path("api/", include("keys.urls")),
+    path("api/", include("proxy.urls")),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("docs", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
+    path("redoc", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
+    path("health", health.health, name="health"),
+    path("health/ready", health.health_ready, name="health-ready"),
+    path("v1/", include("proxy.openai_urls")),
+]
+
+handler400 = "apiforge.errors.handler400"
+handler403 = "apiforge.errors.handler403"
+handler404 = "apiforge.errors.handler404"
+handler500 = "apiforge.errors.handler500"

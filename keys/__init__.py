@@ -1,0 +1,1 @@
+"""API keys: issue (shown once), digest storage, rotation, scopes, limits, cached verification."""

@@ -1,0 +1,1 @@
+"""The gateway: upstreams, models, routes, and the lean async proxy hot path."""

@@ -1,0 +1,61 @@
+"""Suite-wide fixtures: unexpected ERROR logs fail a test; Redis keys of the run are removed."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+from django.conf import settings
+from django.core.cache import cache
+
+from apiforge.local_cache import local_caches_clear
+
+
+class _ErrorCollector(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def fail_on_unexpected_error_log(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Any ERROR logged during a test fails it, unless the test is marked ``expect_error_log``."""
+    collector = _ErrorCollector()
+    root = logging.getLogger()
+    root.addHandler(collector)
+    try:
+        yield
+    finally:
+        root.removeHandler(collector)
+    if request.node.get_closest_marker("expect_error_log"):
+        return
+    if collector.records:
+        lines = "\n".join(f"{r.name}: {r.getMessage()}" for r in collector.records)
+        pytest.fail(f"unexpected ERROR log lines:\n{lines}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "expect_error_log: the test expects ERROR log lines")
+
+
+@pytest.fixture(autouse=True)
+def _clear_cache() -> Iterator[None]:
+    """Each test starts with an empty cache (only this run's prefixed keys are touched)."""
+    yield
+    if settings.REDIS_URL:
+        _delete_prefixed_keys()
+    else:
+        cache.clear()
+    local_caches_clear()
+
+
+def _delete_prefixed_keys() -> None:
+    from django_redis import get_redis_connection
+
+    conn = get_redis_connection("default")
+    for key in conn.scan_iter(match=f"{settings.CACHE_KEY_PREFIX}*", count=1000):
+        conn.delete(key)
