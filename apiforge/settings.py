@@ -22,8 +22,10 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
 
-# Under pytest the default is "test", so a bare `pytest` needs no environment.
-APP_ENV = env.str("APP_ENV", default="test" if "pytest" in sys.modules else "production")
+# Under pytest (and mypy, whose django-stubs plugin loads these settings) the default is
+# "test", so a bare `pytest` or `mypy .` needs no environment.
+_TOOLING = "pytest" in sys.modules or "mypy" in sys.modules
+APP_ENV = env.str("APP_ENV", default="test" if _TOOLING else "production")
 if APP_ENV not in {"production", "development", "test"}:
     raise environ.ImproperlyConfigured("APP_ENV must be production, development or test")
 IS_PRODUCTION = APP_ENV == "production"
