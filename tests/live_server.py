@@ -1,0 +1,142 @@
+"""Run an ASGI application under uvicorn in a background thread of the test process.
+
+``LiveServer(app, host, port)`` serves ``app`` the way production does (uvloop,
+httptools, lifespan on) on a real socket, so tests can talk to it with any HTTP
+client (the official ``openai`` package included). ``port=0`` picks a free port;
+``base_url`` is known after ``start()``. Start and stop waits are bounded.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import uvicorn
+
+START_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 10.0
+
+
+class LiveServer:
+    """One uvicorn server on ``host:port`` in a daemon thread with its own event loop."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, **config: Any) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self._config_overrides = config
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def base_url(self) -> str:
+        """``http://HOST:PORT`` (no trailing slash)."""
+        return f"http://{self.host}:{self.port}"
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def start(self) -> LiveServer:
+        if self._thread is not None:
+            raise RuntimeError("LiveServer already started")
+        # Bind here, not in uvicorn: the port is known at once and no other process can take it meanwhile.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app,
+            loop="uvloop",
+            http="httptools",
+            lifespan="on",
+            access_log=False,
+            log_level="warning",
+            log_config=None,  # leave the test process's logging alone (errors still reach the root logger)
+            timeout_graceful_shutdown=3,
+            **self._config_overrides,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._run, args=(sock,), name=f"live-server-{self.port}", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError(f"the live server stopped during startup (lifespan failed?): {self._error!r}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the live server did not start within {START_TIMEOUT_S} s")
+            time.sleep(0.01)
+        return self
+
+    def _run(self, sock: socket.socket) -> None:
+        assert self._server is not None
+        try:
+            # Not the main thread: uvicorn installs no signal handlers here.
+            self._server.run(sockets=[sock])
+        except BaseException as exc:  # SystemExit included: reported by start()
+            self._error = exc
+        finally:
+            sock.close()
+
+    def stop(self) -> None:
+        """Graceful shutdown (lifespan shutdown runs); forced after ``STOP_TIMEOUT_S`` / 2."""
+        server, thread = self._server, self._thread
+        if server is None or thread is None:
+            return
+        server.should_exit = True
+        thread.join(STOP_TIMEOUT_S / 2)
+        if thread.is_alive():
+            server.force_exit = True
+            thread.join(STOP_TIMEOUT_S / 2)
+        self._thread = None
+        if thread.is_alive():
+            raise RuntimeError("the live server did not stop in time")
+
+    def __enter__(self) -> LiveServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --- Fixtures (re-exported by tests/proxy/conftest.py; import them where a conftest does not reach) ---
+
+
+@pytest.fixture
+def live_server_factory() -> Iterator[Callable[[Any], LiveServer]]:
+    """Start any ASGI app on a free 127.0.0.1 port: ``live_server_factory(app) -> LiveServer``; all stopped at the end.
+
+    Whatever the app reads from the database needs ``transactional_db`` (the server runs in another thread and
+    only sees committed rows).
+    """
+    servers: list[LiveServer] = []
+
+    def start(app: Any, **config: Any) -> LiveServer:
+        server = LiveServer(app, "127.0.0.1", 0, **config)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in reversed(servers):
+        server.stop()
+
+
+@pytest.fixture
+def live_gateway(transactional_db: None, live_server_factory: Callable[[Any], LiveServer]) -> LiveServer:
+    """The real ``apiforge.asgi:application`` under uvicorn (uvloop, httptools, lifespan on) on a free port.
+
+    Attributes: ``base_url`` ("http://127.0.0.1:PORT"), ``url(path)``, ``host``, ``port``. Stopped (lifespan
+    shutdown included) at the end of the test, with bounded waits.
+
+    It depends on ``transactional_db``: the server answers from another thread with its own database
+    connection, so rows must be committed to be seen (the plain ``db`` fixture's rolled-back transaction is
+    invisible to it). Tests create their users, keys and models normally, then call the server.
+    """
+    from apiforge.asgi import application  # imported late: Django must be set up, and proxy.asgi may change
+
+    return live_server_factory(application)
