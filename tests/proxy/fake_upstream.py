@@ -210,9 +210,11 @@ class FakeUpstream:
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         # handler_cancellation: a handler is cancelled when its client goes away, which is how a
         # disconnect is seen while the fake sleeps (latency, hang, chunk delay) and not only on a write.
-        runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True)
+        runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, handler_cancellation=True, shutdown_timeout=1.0
+        )
         await runner.setup()
-        site = web.SockSite(runner, sock, shutdown_timeout=1.0)
+        site = web.SockSite(runner, sock)
         await site.start()
         self._ready.set()
         try:
