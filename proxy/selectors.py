@@ -1,10 +1,17 @@
-"""Reads of the proxy app that other apps may use (keys validates scopes with these)."""
+"""Reads of the proxy app: upstream and model lists for the management API and admin.
+
+``model_names_unknown`` is also what the keys app uses to validate key scopes.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from proxy.models import Model
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.contrib.auth.models import AnonymousUser
+from django.db.models import Count, Prefetch, QuerySet
+
+from proxy.models import Deployment, Model, Upstream
 
 
 def model_names_unknown(names: Iterable[str]) -> list[str]:
@@ -12,3 +19,38 @@ def model_names_unknown(names: Iterable[str]) -> list[str]:
     wanted = list(dict.fromkeys(names))
     known = set(Model.objects.filter(name__in=wanted).values_list("name", flat=True))
     return [name for name in wanted if name not in known]
+
+
+def upstream_list() -> QuerySet[Upstream]:
+    """Every upstream (staff only: the caller checks)."""
+    return Upstream.objects.all()
+
+
+def _user_is_staff(user: AbstractBaseUser | AnonymousUser | None) -> bool:
+    return bool(user is not None and user.is_authenticated and getattr(user, "is_staff", False))
+
+
+def model_list_for_user(*, user: AbstractBaseUser | AnonymousUser | None) -> QuerySet[Model]:
+    """The models ``user`` may see: all of them (with deployments) for staff; otherwise the active
+    models that one of the user's active keys may call. A user without keys sees none."""
+    if _user_is_staff(user):
+        deployments = Deployment.objects.select_related("upstream").order_by("pk")
+        return Model.objects.prefetch_related(Prefetch("deployments", queryset=deployments))
+    if user is None or not user.is_authenticated or user.pk is None:
+        return Model.objects.none()
+    # Imported here: keys.models validates scopes with model_names_unknown above, so a module-level
+    # import would make keys.models -> proxy.selectors -> keys.selectors -> keys.models a cycle.
+    from keys import selectors as keys_selectors
+
+    allows_all, names = keys_selectors.key_model_scopes_for_user(user_id=user.pk)
+    visible = Model.objects.filter(is_active=True)
+    if allows_all:
+        return visible
+    if not names:
+        return Model.objects.none()
+    return visible.filter(name__in=sorted(names))
+
+
+def model_list_for_admin() -> QuerySet[Model]:
+    """Models with their deployment count, for the admin changelist."""
+    return Model.objects.annotate(deployment_count=Count("deployments"))

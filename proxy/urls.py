@@ -1,5 +1,12 @@
-"""Auth endpoints (filled by the accounts issue)."""
+"""Management API routes of the proxy app, mounted under ``/api/``."""
 
-from django.urls import URLPattern
+from rest_framework.routers import DefaultRouter
 
-urlpatterns: list[URLPattern] = []
+from proxy.apis import ModelViewSet, UpstreamViewSet
+
+router = DefaultRouter(trailing_slash=True)
+router.include_root_view = False
+router.register("upstreams", UpstreamViewSet, basename="upstream")
+router.register("models", ModelViewSet, basename="model")
+
+urlpatterns = router.urls

@@ -1,0 +1,330 @@
+"""Management API of the proxy app: ``/api/upstreams/`` (staff) and ``/api/models/``.
+
+Thin layer: serializers parse and render, the views call one service or selector.
+The upstream API key is write-only (answers carry ``has_api_key``) and extra
+header values are answered masked, because both may carry credentials.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, cast
+
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db.models import QuerySet
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
+from rest_framework import permissions, serializers, status, viewsets
+from rest_framework.exceptions import APIException
+from rest_framework.request import Request
+from rest_framework.views import APIView
+
+from proxy.exceptions import UpstreamInUse
+from proxy.models import Deployment, Model, Upstream
+from proxy.selectors import model_list_for_user, upstream_list
+from proxy.services import (
+    MAX_RETRIES_LIMIT,
+    DeploymentSpec,
+    ModelFields,
+    extra_headers_masked,
+    model_create,
+    model_delete,
+    model_update,
+    upstream_create,
+    upstream_delete,
+    upstream_update,
+)
+
+
+class Conflict(APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_detail = "The object is in use."
+    default_code = "conflict"
+
+
+class IsStaff(permissions.BasePermission):
+    def has_permission(self, request: Request, view: APIView) -> bool:
+        return bool(request.user and request.user.is_authenticated and getattr(request.user, "is_staff", False))
+
+
+class IsStaffOrReadOnly(permissions.BasePermission):
+    """Any authenticated user may read; only staff may write."""
+
+    def has_permission(self, request: Request, view: APIView) -> bool:
+        user = request.user
+        if not (user and user.is_authenticated):
+            return False
+        return request.method in permissions.SAFE_METHODS or bool(getattr(user, "is_staff", False))
+
+
+def _actor(request: Request) -> AbstractBaseUser | None:
+    user = request.user
+    return user if isinstance(user, AbstractBaseUser) else None
+
+
+def _client_ip(request: Request) -> str | None:
+    return request.META.get("REMOTE_ADDR") or None
+
+
+@contextmanager
+def _as_field_errors() -> Iterator[None]:
+    """A service's Django ``ValidationError`` becomes the API's 400 with field errors."""
+    try:
+        yield
+    except DjangoValidationError as exc:
+        if hasattr(exc, "error_dict"):
+            fields = {("non_field_errors" if k == "__all__" else k): v for k, v in exc.message_dict.items()}
+            raise serializers.ValidationError(fields) from exc
+        raise serializers.ValidationError({"non_field_errors": exc.messages}) from exc
+
+
+_ERROR = OpenApiResponse(description='Error: `{"detail", "code", "fields"?}`.')
+
+
+# --- Upstreams ---------------------------------------------------------------
+
+
+class ExtraHeadersField(serializers.DictField):
+    """Header name -> value on write; answered as header name -> ``"***"``.
+
+    Writing ``"***"`` as a value keeps that header's current value.
+    """
+
+    child = serializers.CharField(allow_blank=True, trim_whitespace=False)
+
+    def to_representation(self, value: Any) -> dict[str, str]:
+        return extra_headers_masked(value or {})
+
+
+class UpstreamSerializer(serializers.ModelSerializer[Upstream]):
+    api_key = serializers.CharField(
+        write_only=True,
+        required=False,
+        allow_blank=True,
+        max_length=4096,
+        style={"input_type": "password"},
+        help_text="Write-only; stored encrypted. Omit to keep the current key, send an empty string to clear it.",
+    )
+    has_api_key = serializers.BooleanField(read_only=True, help_text="Whether an API key is stored.")
+    extra_headers = ExtraHeadersField(
+        required=False,
+        help_text='Sent to the upstream with every call. Answers show the names with values masked as "***"; '
+        'writing "***" keeps a header\'s current value. Authorization, Host, Content-Length and other '
+        "headers the proxy sets are refused.",
+    )
+
+    class Meta:
+        model = Upstream
+        fields = [
+            "id",
+            "name",
+            "kind",
+            "base_url",
+            "api_key",
+            "has_api_key",
+            "timeout_s",
+            "max_retries",
+            "extra_headers",
+            "is_active",
+            "breaker_failure_threshold",
+            "breaker_cooldown_s",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = ["id", "has_api_key", "created_at", "updated_at"]
+        extra_kwargs = {
+            "max_retries": {"min_value": 0, "max_value": MAX_RETRIES_LIMIT},
+            "breaker_failure_threshold": {"min_value": 1},
+            "base_url": {"help_text": "Required for kind `openai` (http or https), e.g. https://api.openai.com/v1."},
+        }
+
+
+@extend_schema_view(
+    list=extend_schema(summary="List upstreams (staff)"),
+    create=extend_schema(summary="Create an upstream (staff)", responses={201: UpstreamSerializer, 400: _ERROR}),
+    retrieve=extend_schema(summary="Read an upstream (staff)"),
+    partial_update=extend_schema(
+        summary="Change an upstream (staff)", responses={200: UpstreamSerializer, 400: _ERROR}
+    ),
+    destroy=extend_schema(
+        summary="Delete an upstream (staff)",
+        responses={204: None, 409: OpenApiResponse(description="Still used by a model's deployment.")},
+    ),
+)
+@extend_schema(tags=["upstreams"])
+class UpstreamViewSet(viewsets.ModelViewSet[Upstream]):
+    """Upstream servers the proxy forwards to (staff only)."""
+
+    serializer_class = UpstreamSerializer
+    permission_classes = [IsStaff]
+    http_method_names = ["get", "post", "patch", "delete", "head", "options"]
+    filterset_fields = ["kind", "is_active"]
+    search_fields = ["name"]
+    ordering_fields = ["name", "kind", "created_at", "updated_at"]
+
+    def get_queryset(self) -> QuerySet[Upstream]:
+        return upstream_list()
+
+    def perform_create(self, serializer: serializers.BaseSerializer[Upstream]) -> None:
+        with _as_field_errors():
+            serializer.instance = upstream_create(
+                data=serializer.validated_data, actor=_actor(self.request), ip_address=_client_ip(self.request)
+            )
+
+    def perform_update(self, serializer: serializers.BaseSerializer[Upstream]) -> None:
+        with _as_field_errors():
+            serializer.instance = upstream_update(
+                upstream=cast(Upstream, serializer.instance),
+                data=serializer.validated_data,
+                actor=_actor(self.request),
+                ip_address=_client_ip(self.request),
+            )
+
+    def perform_destroy(self, instance: Upstream) -> None:
+        try:
+            upstream_delete(upstream=instance, actor=_actor(self.request), ip_address=_client_ip(self.request))
+        except UpstreamInUse as exc:
+            raise Conflict(str(exc), code="upstream_in_use") from exc
+
+
+# --- Models ------------------------------------------------------------------
+
+
+class DeploymentSerializer(serializers.ModelSerializer[Deployment]):
+    upstream = serializers.SlugRelatedField(
+        slug_field="name", queryset=Upstream.objects.all(), help_text="The upstream's name."
+    )
+
+    class Meta:
+        model = Deployment
+        fields = ["id", "upstream", "upstream_model", "weight", "is_active"]
+        read_only_fields = ["id"]
+
+
+class ModelSerializer(serializers.ModelSerializer[Model]):
+    """A public model as staff see it, deployments included."""
+
+    fallbacks = serializers.ListField(
+        child=serializers.CharField(max_length=128),
+        required=False,
+        help_text="Ordered names of other existing models tried when this one fails.",
+    )
+    deployments = DeploymentSerializer(
+        many=True,
+        required=False,
+        help_text="Required on create. When written, replaces the model's deployments "
+        "(one kept per upstream + upstream_model keeps its id). Shown to staff only.",
+    )
+
+    class Meta:
+        model = Model
+        fields = [
+            "id",
+            "name",
+            "is_active",
+            "fallbacks",
+            "input_price_per_1k",
+            "output_price_per_1k",
+            "deployments",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = ["id", "created_at", "updated_at"]
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if self.instance is None and not attrs.get("deployments"):
+            raise serializers.ValidationError({"deployments": ["A model needs at least one deployment."]})
+        if "deployments" in attrs and not attrs["deployments"]:
+            raise serializers.ValidationError({"deployments": ["A model needs at least one deployment."]})
+        return attrs
+
+
+class ModelPublicSerializer(serializers.ModelSerializer[Model]):
+    """A public model as a non-staff user sees it: no upstream details."""
+
+    class Meta:
+        model = Model
+        fields = ["id", "name", "is_active", "input_price_per_1k", "output_price_per_1k", "created_at", "updated_at"]
+        read_only_fields = fields
+
+
+def _deployment_specs(items: list[dict[str, Any]]) -> list[DeploymentSpec]:
+    return [
+        DeploymentSpec(
+            upstream=item["upstream"],
+            upstream_model=item["upstream_model"],
+            weight=item.get("weight", 1),
+            is_active=item.get("is_active", True),
+        )
+        for item in items
+    ]
+
+
+_MODELS_READ = (
+    "Staff see every model with its deployments and fallbacks. Other users see the active models "
+    "that one of their active API keys may call, without `deployments` and `fallbacks`."
+)
+
+
+@extend_schema_view(
+    list=extend_schema(summary="List models", description=_MODELS_READ),
+    retrieve=extend_schema(summary="Read a model", description=_MODELS_READ),
+    create=extend_schema(summary="Create a model (staff)", responses={201: ModelSerializer, 400: _ERROR}),
+    partial_update=extend_schema(summary="Change a model (staff)", responses={200: ModelSerializer, 400: _ERROR}),
+    destroy=extend_schema(summary="Delete a model (staff); it is also dropped from other models' fallbacks"),
+)
+@extend_schema(tags=["models"])
+class ModelViewSet(viewsets.ModelViewSet[Model]):
+    """Public model names and the deployments that serve them."""
+
+    permission_classes = [IsStaffOrReadOnly]
+    http_method_names = ["get", "post", "patch", "delete", "head", "options"]
+    filterset_fields = ["is_active"]
+    search_fields = ["name"]
+    ordering_fields = ["name", "created_at", "updated_at"]
+
+    def _is_staff(self) -> bool:
+        return bool(getattr(self.request.user, "is_staff", False))
+
+    def get_serializer_class(self) -> type[serializers.BaseSerializer[Model]]:
+        # The schema documents the staff shape; non-staff answers are a subset of it.
+        if getattr(self, "swagger_fake_view", False) or self._is_staff():
+            return ModelSerializer
+        return ModelPublicSerializer
+
+    def get_queryset(self) -> QuerySet[Model]:
+        if getattr(self, "swagger_fake_view", False):
+            return Model.objects.none()
+        return model_list_for_user(user=self.request.user)
+
+    def _fresh(self, model: Model) -> Model:
+        return model_list_for_user(user=self.request.user).get(pk=model.pk)
+
+    def perform_create(self, serializer: serializers.BaseSerializer[Model]) -> None:
+        data = dict(serializer.validated_data)
+        deployments = _deployment_specs(data.pop("deployments"))
+        with _as_field_errors():
+            model = model_create(
+                data=cast(ModelFields, data),
+                deployments=deployments,
+                actor=_actor(self.request),
+                ip_address=_client_ip(self.request),
+            )
+        serializer.instance = self._fresh(model)
+
+    def perform_update(self, serializer: serializers.BaseSerializer[Model]) -> None:
+        data = dict(serializer.validated_data)
+        items = data.pop("deployments", None)
+        with _as_field_errors():
+            model = model_update(
+                model=cast(Model, serializer.instance),
+                data=cast(ModelFields, data),
+                deployments=_deployment_specs(items) if items is not None else None,
+                actor=_actor(self.request),
+                ip_address=_client_ip(self.request),
+            )
+        serializer.instance = self._fresh(model)
+
+    def perform_destroy(self, instance: Model) -> None:
+        model_delete(model=instance, actor=_actor(self.request), ip_address=_client_ip(self.request))
