@@ -1,25 +1,37 @@
 """Liveness and readiness: ``/health`` and ``/health/ready``.
 
-Readiness checks each configured dependency (database, cache, broker, channel
-layer) and reports ``ok``, ``error`` or ``disabled`` (not configured: the
-embedded default). Any ``error`` makes the answer 503.
+Readiness checks each dependency (database, cache, broker, channel layer) and
+reports ``ok``, ``error`` or ``disabled``. ``disabled`` means the embedded
+default is in use (in-process cache or channel layer, Celery tasks run
+in-process): nothing outside the process to check. Any ``error`` makes the
+answer 503. Each check is bounded by short timeouts, so a dead dependency
+costs about a second, not a hung probe.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import uuid
 from collections.abc import Callable
 
 from django.conf import settings
-from django.core.cache import cache
+from django.core.cache import cache, caches
+from django.core.cache.backends.dummy import DummyCache
+from django.core.cache.backends.locmem import LocMemCache
 from django.db import connection
-from django.http import HttpRequest, JsonResponse
-from django.views.decorators.http import require_GET
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from apiforge.errors import json_error
 
 logger = logging.getLogger(__name__)
 
 Check = Callable[[], str]
+TIMEOUT_S = 1.0
+
+_IN_PROCESS_CHANNEL_LAYERS = {"channels.layers.InMemoryChannelLayer"}
 
 
 def _database() -> str:
@@ -30,10 +42,14 @@ def _database() -> str:
 
 
 def _cache() -> str:
-    if not settings.REDIS_URL:
+    if isinstance(caches["default"], LocMemCache | DummyCache):
         return "disabled"
-    cache.set("health:probe", "1", timeout=5)
-    return "ok" if cache.get("health:probe") == "1" else "error"
+    key = f"health:probe:{uuid.uuid4().hex}"
+    cache.set(key, "1", timeout=5)
+    try:
+        return "ok" if cache.get(key) == "1" else "error"
+    finally:
+        cache.delete(key)
 
 
 def _broker() -> str:
@@ -41,27 +57,41 @@ def _broker() -> str:
         return "disabled"
     from apiforge.celery import app
 
-    with app.connection_for_write() as conn:
-        conn.ensure_connection(max_retries=1, timeout=1)
+    # The URL is read from settings on every probe (Celery caches its own config).
+    with app.connection_for_write(
+        settings.CELERY_BROKER_URL,
+        connect_timeout=TIMEOUT_S,
+        transport_options={"socket_connect_timeout": TIMEOUT_S, "socket_timeout": TIMEOUT_S},
+    ) as conn:
+        conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=TIMEOUT_S)
     return "ok"
 
 
 def _channel_layer() -> str:
-    if not settings.REDIS_URL:
+    config = settings.CHANNEL_LAYERS.get("default")
+    if not config or config.get("BACKEND") in _IN_PROCESS_CHANNEL_LAYERS:
         return "disabled"
-    from channels.layers import get_channel_layer
+    from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers
 
-    layer = get_channel_layer()
-    if layer is None:
-        return "disabled"
+    # A private layer instance on a private event loop: its connection pool is
+    # closed afterwards and never shared with the server's consumers.
+    layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
 
     async def roundtrip() -> bool:
-        channel = await layer.new_channel()
-        await layer.send(channel, {"type": "health.probe"})
-        message = await asyncio.wait_for(layer.receive(channel), timeout=1)
-        return bool(message.get("type") == "health.probe")
+        try:
+            channel = await layer.new_channel()
+            await layer.send(channel, {"type": "health.probe"})
+            message = await layer.receive(channel)
+            return bool(message.get("type") == "health.probe")
+        finally:
+            close_pools = getattr(layer, "close_pools", None)
+            if close_pools is not None:
+                await close_pools()
 
-    return "ok" if asyncio.run(roundtrip()) else "error"
+    async def bounded() -> bool:
+        return await asyncio.wait_for(roundtrip(), timeout=2 * TIMEOUT_S)
+
+    return "ok" if asyncio.run(bounded()) else "error"
 
 
 CHECKS: dict[str, Check] = {
@@ -80,14 +110,30 @@ def _run(name: str, check: Check) -> str:
         return "error"
 
 
-@require_GET
-def health(request: HttpRequest) -> JsonResponse:
+def _get_only(view: Callable[[HttpRequest], HttpResponse]) -> Callable[[HttpRequest], HttpResponse]:
+    """Like ``require_GET``, but the 405 is the project's JSON error."""
+
+    @functools.wraps(view)
+    def wrapper(request: HttpRequest) -> HttpResponse:
+        if request.method not in {"GET", "HEAD"}:
+            response = json_error(405, f'Method "{request.method}" not allowed.', "method_not_allowed")
+            response["Allow"] = "GET, HEAD"
+            return response
+        return view(request)
+
+    return wrapper
+
+
+@csrf_exempt  # probes never change anything; a POST gets the JSON 405, not an HTML CSRF page
+@_get_only
+def health(request: HttpRequest) -> HttpResponse:
     """Liveness: the process serves."""
     return JsonResponse({"status": "ok"})
 
 
-@require_GET
-def health_ready(request: HttpRequest) -> JsonResponse:
+@csrf_exempt
+@_get_only
+def health_ready(request: HttpRequest) -> HttpResponse:
     """Readiness: every configured dependency answers."""
     checks = {name: _run(name, check) for name, check in CHECKS.items()}
     ok = all(value != "error" for value in checks.values())

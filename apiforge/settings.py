@@ -219,6 +219,7 @@ SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if env.bool("BEHIN
 SECURE_REDIRECT_EXEMPT = [r"^health"]
 SESSION_COOKIE_HTTPONLY = True
 X_FRAME_OPTIONS = "DENY"
+CSRF_FAILURE_VIEW = "apiforge.errors.csrf_failure"  # JSON, like every other error
 
 # Pepper for API-key digests (HMAC-SHA256); defaults to one derived from SECRET_KEY.
 API_KEY_PEPPER = env.str("API_KEY_PEPPER", default="")

@@ -1,6 +1,7 @@
 """URL wiring: admin, auth, management API, docs, health, and the proxy's Django views."""
 
 from django.contrib import admin
+from django.contrib.staticfiles.urls import staticfiles_urlpatterns
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
@@ -18,6 +19,9 @@ urlpatterns = [
     path("health/ready", health.health_ready, name="health-ready"),
     path("v1/", include("proxy.openai_urls")),
 ]
+
+# Development (DEBUG) only: static files (admin, Swagger UI/ReDoc from the sidecar) for `make run`'s uvicorn.
+urlpatterns += staticfiles_urlpatterns()
 
 handler400 = "apiforge.errors.handler400"
 handler403 = "apiforge.errors.handler403"
