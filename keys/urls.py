@@ -1,5 +1,10 @@
-"""Auth endpoints (filled by the accounts issue)."""
+"""Keys management API, mounted at ``/api/``: ``keys/``, ``keys/{id}/``, ``keys/{id}/rotate/``."""
 
-from django.urls import URLPattern
+from rest_framework.routers import SimpleRouter
 
-urlpatterns: list[URLPattern] = []
+from keys.apis import ApiKeyViewSet
+
+router = SimpleRouter()
+router.register("keys", ApiKeyViewSet, basename="apikey")
+
+urlpatterns = router.urls

@@ -25,3 +25,29 @@ class UserFactory(DjangoModelFactory):
     class Params:
         staff = factory.Trait(is_staff=True)
         superuser = factory.Trait(is_staff=True, is_superuser=True)
+
+
+class ApiKeyFactory(DjangoModelFactory):
+    """An active key without limits. Its secret (never stored) is on ``key.secret`` for the test to present."""
+
+    class Meta:
+        model = "keys.ApiKey"
+
+    owner = factory.SubFactory(UserFactory)
+    name = factory.Sequence(lambda n: f"key {n}")
+    secret = factory.LazyFunction(lambda: _keys_hashing().key_secret_generate())
+    prefix = factory.LazyAttribute(lambda key: _keys_hashing().key_secret_prefix(key.secret))
+    digest = factory.LazyAttribute(lambda key: _keys_hashing().key_digest(key.secret))
+
+    @classmethod
+    def _create(cls, model_class, *args, **kwargs):  # type: ignore[no-untyped-def]
+        secret = kwargs.pop("secret")
+        key = super()._create(model_class, *args, **kwargs)
+        key.secret = secret
+        return key
+
+
+def _keys_hashing():  # type: ignore[no-untyped-def]
+    import keys.hashing
+
+    return keys.hashing

@@ -1,0 +1,273 @@
+"""Django admin for API keys: issue (secret shown once, on the page answering the form), limit, rotate,
+disable, enable, revoke. Every write goes through ``keys.services``; digests are never shown or editable.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
+from django.utils import timezone
+from django.utils.cache import patch_cache_control
+
+from keys.models import ApiKey
+from keys.services import (
+    ROTATION_GRACE_MAX_S,
+    UPDATABLE_FIELDS,
+    KeyIssued,
+    key_create,
+    key_delete,
+    key_disable,
+    key_enable,
+    key_revoke,
+    key_rotate,
+    key_update,
+)
+
+_LIMIT_FIELDS = ("rpm_limit", "tpm_limit", "max_concurrency", "budget_tokens", "budget_cost", "budget_period")
+
+
+class _ListFormField(forms.CharField):
+    """A list of strings edited as text, one entry per line or separated by commas."""
+
+    widget = forms.Textarea(attrs={"rows": 2, "cols": 60})
+
+    def prepare_value(self, value: Any) -> Any:
+        return ", ".join(value) if isinstance(value, list) else value
+
+    def to_python(self, value: Any) -> list[str]:  # type: ignore[override]
+        text = super().to_python(value) or ""
+        return [item for item in re.split(r"[\s,]+", text) if item]
+
+
+class ApiKeyAdminForm(forms.ModelForm):
+    allowed_models = _ListFormField(required=False, help_text="Public model names; empty = all.")
+    allowed_routes = _ListFormField(required=False, help_text="Route names; empty = all.")
+    ip_allowlist = _ListFormField(required=False, help_text="IPv4/IPv6 addresses or CIDR networks; empty = any.")
+
+    class Meta:
+        model = ApiKey
+        fields = [
+            "owner",
+            "name",
+            "is_active",
+            "expires_at",
+            "allowed_models",
+            "allowed_routes",
+            "ip_allowlist",
+            "rpm_limit",
+            "tpm_limit",
+            "max_concurrency",
+            "budget_tokens",
+            "budget_cost",
+            "budget_period",
+            "metadata",
+        ]
+
+    def clean(self) -> dict[str, Any]:
+        # The rules key_create/key_update would refuse with, reported on the form instead of as an error page.
+        cleaned: dict[str, Any] = super().clean() or {}
+        expires_at = cleaned.get("expires_at")
+        if "expires_at" in self.changed_data and expires_at is not None and expires_at <= timezone.now():
+            self.add_error("expires_at", "The expiry must be in the future.")
+        if self.instance.pk and self.instance.revoked_at is not None and cleaned.get("is_active"):
+            self.add_error("is_active", "A revoked key cannot be enabled again.")
+        return cleaned
+
+
+class RotateForm(forms.Form):
+    grace_seconds = forms.IntegerField(
+        min_value=0,
+        max_value=ROTATION_GRACE_MAX_S,
+        initial=0,
+        help_text="How long the current secret keeps working after the rotation, in seconds (0 = stops at once).",
+    )
+
+
+def _client_ip(request: HttpRequest) -> str | None:
+    return request.META.get("REMOTE_ADDR") or None
+
+
+def _actor(request: HttpRequest) -> Any:
+    return request.user if request.user.is_authenticated else None
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    form = ApiKeyAdminForm
+    list_display = [
+        "prefix",
+        "name",
+        "owner",
+        "is_active",
+        "is_revoked",
+        "expires_at",
+        "last_used_at",
+        "rpm_limit",
+        "tpm_limit",
+        "max_concurrency",
+        "budget",
+        "created_at",
+    ]
+    list_display_links = ["prefix", "name"]
+    list_select_related = ["owner"]
+    list_filter = [
+        "is_active",
+        ("revoked_at", admin.EmptyFieldListFilter),
+        ("expires_at", admin.DateFieldListFilter),
+        ("last_used_at", admin.DateFieldListFilter),
+        "budget_period",
+    ]
+    search_fields = ["name", "prefix", "owner__username", "owner__email"]
+    raw_id_fields = ["owner"]
+    date_hierarchy = "created_at"
+    actions = ["disable_keys", "enable_keys", "revoke_keys"]
+    readonly_fields = ["prefix", "created_at", "updated_at", "last_used_at", "revoked_at", "previous_valid_until"]
+    fieldsets = [
+        (None, {"fields": ["owner", "name", "prefix", "is_active", "expires_at"]}),
+        ("Scopes", {"fields": ["allowed_models", "allowed_routes", "ip_allowlist"]}),
+        ("Limits and budget", {"fields": _LIMIT_FIELDS}),
+        ("Other", {"fields": ["metadata"]}),
+        (
+            "History",
+            {"fields": ["created_at", "updated_at", "last_used_at", "revoked_at", "previous_valid_until"]},
+        ),
+    ]
+    add_fieldsets = [
+        (None, {"fields": ["owner", "name", "is_active", "expires_at"]}),
+        ("Scopes", {"fields": ["allowed_models", "allowed_routes", "ip_allowlist"]}),
+        ("Limits and budget", {"fields": _LIMIT_FIELDS}),
+        ("Other", {"fields": ["metadata"]}),
+    ]
+
+    @admin.display(boolean=True, description="revoked", ordering="revoked_at")
+    def is_revoked(self, obj: ApiKey) -> bool:
+        return obj.revoked_at is not None
+
+    @admin.display(description="budget")
+    def budget(self, obj: ApiKey) -> str:
+        parts = []
+        if obj.budget_tokens is not None:
+            parts.append(f"{obj.budget_tokens} tokens")
+        if obj.budget_cost is not None:
+            parts.append(f"{obj.budget_cost} cost")
+        return f"{' / '.join(parts)} per {obj.budget_period}" if parts else "-"
+
+    def get_fieldsets(self, request: HttpRequest, obj: ApiKey | None = None) -> Any:
+        return self.add_fieldsets if obj is None else self.fieldsets
+
+    def get_readonly_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> Any:
+        # The owner is chosen once; moving a key between users would move its usage history too.
+        return self.readonly_fields if obj is None else [*self.readonly_fields, "owner"]
+
+    # --- writes through the services -----------------------------------------------------------------
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
+        if change:
+            changes = {field: form.cleaned_data[field] for field in form.changed_data if field in UPDATABLE_FIELDS}
+            key_update(key=obj, changes=changes, actor=_actor(request), ip_address=_client_ip(request))
+            return
+        values = {field: value for field, value in form.cleaned_data.items() if field != "owner"}
+        issued = key_create(
+            owner=form.cleaned_data["owner"], actor=_actor(request), ip_address=_client_ip(request), **values
+        )
+        # The admin goes on with ``obj`` (history entry, next page): give it the saved row's identity.
+        obj.pk = issued.key.pk
+        obj.prefix = issued.key.prefix
+        obj.created_at = issued.key.created_at
+        obj._state.adding = False
+        request._apiforge_issued = issued  # type: ignore[attr-defined]
+
+    def response_add(self, request: HttpRequest, obj: ApiKey, post_url_continue: str | None = None) -> HttpResponse:
+        issued: KeyIssued | None = getattr(request, "_apiforge_issued", None)
+        if issued is None:
+            return super().response_add(request, obj, post_url_continue)
+        return self._issued_page(request, issued, title="API key created")
+
+    def _issued_page(self, request: HttpRequest, issued: KeyIssued, *, title: str) -> HttpResponse:
+        """The secret, once: rendered into this answer only, never stored in a session, message or cookie."""
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": title,
+            "key": issued.key,
+            "secret": issued.secret,
+            "change_url": reverse("admin:keys_apikey_change", args=[issued.key.pk]),
+        }
+        response = TemplateResponse(request, "admin/keys/apikey/issued.html", context)
+        patch_cache_control(response, no_store=True)
+        return response
+
+    def delete_model(self, request: HttpRequest, obj: ApiKey) -> None:
+        key_delete(key=obj, actor=_actor(request), ip_address=_client_ip(request))
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        for key in queryset:
+            key_delete(key=key, actor=_actor(request), ip_address=_client_ip(request))
+
+    # --- actions ---------------------------------------------------------------------------------------
+    @admin.action(description="Disable selected keys", permissions=["change"])
+    def disable_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        for key in queryset:
+            key_disable(key=key, actor=_actor(request), ip_address=_client_ip(request))
+        self.message_user(request, f"Disabled {len(queryset)} key(s).", messages.SUCCESS)
+
+    @admin.action(description="Enable selected keys", permissions=["change"])
+    def enable_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        enabled = skipped = 0
+        for key in queryset:
+            try:
+                key_enable(key=key, actor=_actor(request), ip_address=_client_ip(request))
+                enabled += 1
+            except ValidationError:
+                skipped += 1
+        self.message_user(request, f"Enabled {enabled} key(s).", messages.SUCCESS)
+        if skipped:
+            self.message_user(request, f"Skipped {skipped} revoked key(s): they cannot be enabled.", messages.WARNING)
+
+    @admin.action(description="Revoke selected keys (for good)", permissions=["change"])
+    def revoke_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        for key in queryset:
+            key_revoke(key=key, actor=_actor(request), ip_address=_client_ip(request))
+        self.message_user(request, f"Revoked {len(queryset)} key(s).", messages.SUCCESS)
+
+    # --- rotation ------------------------------------------------------------------------------------------
+    def get_urls(self) -> list[URLPattern]:
+        rotate = path(
+            "<path:object_id>/rotate/", self.admin_site.admin_view(self.rotate_view), name="keys_apikey_rotate"
+        )
+        return [rotate, *super().get_urls()]
+
+    def rotate_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        key = get_object_or_404(ApiKey, pk=object_id)
+        if not self.has_change_permission(request, key):
+            raise PermissionDenied
+        form = RotateForm(request.POST or None)
+        if request.method == "POST" and form.is_valid():
+            try:
+                issued = key_rotate(
+                    key=key,
+                    grace_seconds=form.cleaned_data["grace_seconds"],
+                    actor=_actor(request),
+                    ip_address=_client_ip(request),
+                )
+            except ValidationError as exc:
+                self.message_user(request, " ".join(exc.messages), messages.ERROR)
+                return HttpResponseRedirect(reverse("admin:keys_apikey_change", args=[key.pk]))
+            return self._issued_page(request, issued, title="API key rotated")
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": f"Rotate {key}",
+            "key": key,
+            "form": form,
+            "change_url": reverse("admin:keys_apikey_change", args=[key.pk]),
+        }
+        return TemplateResponse(request, "admin/keys/apikey/rotate.html", context)

@@ -1,0 +1,312 @@
+"""Writes of the keys app: issue, change, disable/enable, rotate, revoke, delete, and the last-used flush.
+
+Every write runs in a transaction, locks the key's row, is written to the audit
+trail (without secrets or digests) and, once committed, invalidates the cached
+verification entries of the key's digests on every process.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from gateway_stats.services import audit_record
+from keys.hashing import key_digest, key_secret_generate, key_secret_prefix
+from keys.models import ApiKey
+from keys.verification import key_cache_invalidate, key_usage_drain, key_usage_restore
+
+if TYPE_CHECKING:
+    from accounts.models import User
+
+AUDIT_OBJECT_TYPE = "keys.apikey"
+# Fields a key's owner (or staff) may change after creation; everything else is set by a workflow.
+UPDATABLE_FIELDS = frozenset(
+    {
+        "name",
+        "is_active",
+        "expires_at",
+        "allowed_models",
+        "allowed_routes",
+        "rpm_limit",
+        "tpm_limit",
+        "max_concurrency",
+        "budget_tokens",
+        "budget_cost",
+        "budget_period",
+        "ip_allowlist",
+        "metadata",
+    }
+)
+ROTATION_GRACE_MAX_S = 30 * 24 * 3600
+LAST_USED_RESOLUTION = timedelta(seconds=60)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyIssued:
+    """A key and its secret, returned by create and rotate: the only time the secret is available."""
+
+    key: ApiKey
+    secret: str
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+def _audit_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    return value
+
+
+def _audit(*, key: ApiKey, action: str, actor: User | None, ip_address: str | None, changes: dict[str, Any]) -> None:
+    audit_record(
+        actor=actor,
+        action=action,
+        object_type=AUDIT_OBJECT_TYPE,
+        object_id=key.pk,
+        object_repr=str(key),
+        changes={field: _audit_value(value) for field, value in changes.items()},
+        ip_address=ip_address,
+    )
+
+
+def _invalidate_on_commit(digests: Iterable[str | None]) -> None:
+    kept = tuple(digest for digest in digests if digest)
+    transaction.on_commit(lambda: key_cache_invalidate(kept))
+
+
+def _digests(key: ApiKey) -> tuple[str | None, str | None]:
+    return key.digest, key.previous_digest
+
+
+def _locked(key: ApiKey) -> ApiKey:
+    return ApiKey.objects.select_for_update().get(pk=key.pk)
+
+
+def _normalized(field: str, value: Any) -> Any:
+    """Canonical forms, so equal scopes compare equal and the proxy gets tidy values."""
+    if field in {"allowed_models", "allowed_routes"} and isinstance(value, list):
+        return list(dict.fromkeys(item.strip() for item in value if isinstance(item, str)))
+    if field == "ip_allowlist" and isinstance(value, list):
+        normalized = []
+        for item in value:
+            try:
+                normalized.append(str(ipaddress.ip_network(str(item).strip(), strict=False)))
+            except ValueError:
+                normalized.append(item)  # left for the field validator to report
+        return list(dict.fromkeys(normalized))
+    if field == "name" and isinstance(value, str):
+        return value.strip()
+    return value
+
+
+def _expiry_check(expires_at: datetime | None) -> None:
+    if expires_at is not None and expires_at <= timezone.now():
+        raise ValidationError({"expires_at": "The expiry must be in the future."}, code="past")
+
+
+def _clean(key: ApiKey, fields: Iterable[str]) -> None:
+    """Validate the given fields with the model's validators (the others were valid before)."""
+    checked = set(fields)
+    exclude = [field.name for field in ApiKey._meta.concrete_fields if field.name not in checked]
+    key.full_clean(exclude=exclude, validate_unique=False, validate_constraints=False)
+
+
+# --- workflows --------------------------------------------------------------------------------------
+@transaction.atomic
+def key_create(
+    *,
+    owner: User,
+    name: str,
+    actor: User | None = None,
+    ip_address: str | None = None,
+    is_active: bool = True,
+    expires_at: datetime | None = None,
+    allowed_models: Sequence[str] = (),
+    allowed_routes: Sequence[str] = (),
+    rpm_limit: int | None = None,
+    tpm_limit: int | None = None,
+    max_concurrency: int | None = None,
+    budget_tokens: int | None = None,
+    budget_cost: Decimal | None = None,
+    budget_period: str = ApiKey.BudgetPeriod.MONTH,
+    ip_allowlist: Sequence[str] = (),
+    metadata: Mapping[str, Any] | None = None,
+) -> KeyIssued:
+    """Issue a key for ``owner``. The secret is in the result and nowhere else, ever."""
+    _expiry_check(expires_at)
+    values: dict[str, Any] = {
+        "name": name,
+        "is_active": is_active,
+        "expires_at": expires_at,
+        "allowed_models": list(allowed_models),
+        "allowed_routes": list(allowed_routes),
+        "rpm_limit": rpm_limit,
+        "tpm_limit": tpm_limit,
+        "max_concurrency": max_concurrency,
+        "budget_tokens": budget_tokens,
+        "budget_cost": budget_cost,
+        "budget_period": budget_period,
+        "ip_allowlist": list(ip_allowlist),
+        "metadata": dict(metadata or {}),
+    }
+    values = {field: _normalized(field, value) for field, value in values.items()}
+    secret = key_secret_generate()
+    key = ApiKey(owner=owner, prefix=key_secret_prefix(secret), digest=key_digest(secret), **values)
+    key.full_clean(validate_unique=False, validate_constraints=False)
+    key.save()
+    _audit(key=key, action="key.create", actor=actor, ip_address=ip_address, changes={"owner": owner.pk, **values})
+    return KeyIssued(key=key, secret=secret)
+
+
+@transaction.atomic
+def key_update(
+    *, key: ApiKey, changes: Mapping[str, Any], actor: User | None = None, ip_address: str | None = None
+) -> ApiKey:
+    """Change name, scopes, limits, budgets, expiry or ``is_active``; only what differs is written and audited.
+
+    The audit action is ``key.disable`` / ``key.enable`` when ``is_active`` is the only change.
+    """
+    unknown = set(changes) - UPDATABLE_FIELDS
+    if unknown:
+        raise ValidationError(dict.fromkeys(sorted(unknown), "This field cannot be changed."))
+    key = _locked(key)
+    diff: dict[str, list[Any]] = {}
+    for field, raw in changes.items():
+        value = _normalized(field, raw)
+        old = getattr(key, field)
+        if old != value:
+            diff[field] = [_audit_value(old), _audit_value(value)]
+            setattr(key, field, value)
+    if not diff:
+        return key
+    if "expires_at" in diff:
+        _expiry_check(key.expires_at)
+    if key.is_active and key.is_revoked:
+        raise ValidationError({"is_active": "A revoked key cannot be enabled again."}, code="revoked")
+    _clean(key, diff)
+    key.save(update_fields=[*diff, "updated_at"])
+    action = "key.update"
+    if set(diff) == {"is_active"}:
+        action = "key.enable" if key.is_active else "key.disable"
+    _audit(key=key, action=action, actor=actor, ip_address=ip_address, changes=diff)
+    _invalidate_on_commit(_digests(key))
+    return key
+
+
+def key_disable(*, key: ApiKey, actor: User | None = None, ip_address: str | None = None) -> ApiKey:
+    """Stop the key working until enabled again (no-op when already disabled)."""
+    return key_update(key=key, changes={"is_active": False}, actor=actor, ip_address=ip_address)
+
+
+def key_enable(*, key: ApiKey, actor: User | None = None, ip_address: str | None = None) -> ApiKey:
+    """Let a disabled key work again; a revoked key cannot be enabled (``ValidationError``)."""
+    return key_update(key=key, changes={"is_active": True}, actor=actor, ip_address=ip_address)
+
+
+@transaction.atomic
+def key_revoke(*, key: ApiKey, actor: User | None = None, ip_address: str | None = None) -> ApiKey:
+    """Stop the key for good; the row stays (usage history keeps its key). Idempotent."""
+    key = _locked(key)
+    if key.is_revoked:
+        return key
+    key.revoked_at = timezone.now()
+    key.is_active = False
+    key.save(update_fields=["revoked_at", "is_active", "updated_at"])
+    _audit(key=key, action="key.revoke", actor=actor, ip_address=ip_address, changes={"revoked_at": key.revoked_at})
+    _invalidate_on_commit(_digests(key))
+    return key
+
+
+@transaction.atomic
+def key_rotate(
+    *, key: ApiKey, grace_seconds: int = 0, actor: User | None = None, ip_address: str | None = None
+) -> KeyIssued:
+    """A new secret for the same key (same limits, scopes and history).
+
+    The old secret keeps working for ``grace_seconds`` (0: it stops at once). Only the
+    secret just replaced gets a grace period: rotating again ends an earlier one.
+    """
+    if not 0 <= grace_seconds <= ROTATION_GRACE_MAX_S:
+        raise ValidationError({"grace_seconds": f"Must be between 0 and {ROTATION_GRACE_MAX_S}."})
+    key = _locked(key)
+    if key.is_revoked:
+        raise ValidationError("A revoked key cannot be rotated.", code="revoked")
+    old_digests = _digests(key)
+    old_prefix = key.prefix
+    secret = key_secret_generate()
+    if grace_seconds:
+        key.previous_digest = key.digest
+        key.previous_valid_until = timezone.now() + timedelta(seconds=grace_seconds)
+    else:
+        key.previous_digest = None
+        key.previous_valid_until = None
+    key.digest = key_digest(secret)
+    key.prefix = key_secret_prefix(secret)
+    key.save(update_fields=["digest", "prefix", "previous_digest", "previous_valid_until", "updated_at"])
+    _audit(
+        key=key,
+        action="key.rotate",
+        actor=actor,
+        ip_address=ip_address,
+        changes={"prefix": [old_prefix, key.prefix], "grace_seconds": grace_seconds},
+    )
+    _invalidate_on_commit((*old_digests, key.digest))
+    return KeyIssued(key=key, secret=secret)
+
+
+@transaction.atomic
+def key_delete(*, key: ApiKey, actor: User | None = None, ip_address: str | None = None) -> None:
+    """Delete the row for good (staff, in the admin). The API's DELETE revokes instead."""
+    key = _locked(key)
+    digests = _digests(key)
+    _audit(key=key, action="key.delete", actor=actor, ip_address=ip_address, changes={"prefix": key.prefix})
+    key.delete()
+    _invalidate_on_commit(digests)
+
+
+def key_cache_invalidate_for_owner(*, owner_id: int) -> None:
+    """After a change to a user that verification reads (``is_active``), drop their keys' cached entries."""
+    digests = [
+        digest
+        for pair in ApiKey.objects.filter(owner_id=owner_id).values_list("digest", "previous_digest")
+        for digest in pair
+        if digest
+    ]
+    if digests:
+        _invalidate_on_commit(digests)
+
+
+def key_usage_flush() -> int:
+    """Write the uses noted by ``key_usage_touch`` as ``last_used_at``; returns the number of rows written.
+
+    One UPDATE per key, and only when the stored value is more than a minute older,
+    so a busy key costs at most one write a minute. Meant for a background thread
+    (the usage emitter); on a database error the uses are put back for the next call.
+    Policy caches are not invalidated: ``last_used_at`` is not part of a key's policy.
+    """
+    pending = key_usage_drain()
+    written = 0
+    remaining = dict(pending)
+    try:
+        for key_id, used_epoch in pending.items():
+            used_at = datetime.fromtimestamp(used_epoch, tz=UTC)
+            written += (
+                ApiKey.objects.filter(pk=key_id)
+                .filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=used_at - LAST_USED_RESOLUTION))
+                .update(last_used_at=used_at)
+            )
+            del remaining[key_id]
+    except BaseException:
+        key_usage_restore(remaining)
+        raise
+    return written

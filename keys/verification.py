@@ -1,0 +1,330 @@
+"""Key verification, the one entry point the proxy calls: a presented secret and client IP -> ``KeyPolicy``.
+
+Lookup order: the process's memory (``SyncedLocalCache``), then the shared cache
+(Redis when configured), then the database. A hit in memory costs an HMAC, two
+dict lookups and a few comparisons: no I/O, no thread hop, so ``key_verify_async``
+answers it without suspending. Everything a refusal needs (revoked, disabled,
+expiry, IP networks, the end of a rotation grace period) is in the cached entry,
+so refusals come from memory too; expiry is compared per request, so a key never
+outlives its ``expires_at`` because of caching.
+
+Coherence: every write to a key calls ``key_cache_invalidate`` after commit. That
+deletes the shared entries and bumps the namespace generation, so every process
+drops its memory within ``CACHE_SYNC_INTERVAL_S``. Shared entries are stored under
+the generation the reader saw before it read the database, so a reader racing a
+write can never park a stale entry where later readers would find it.
+
+Unknown digests are remembered for a few seconds (in memory and in the shared
+cache) so a flood of one bad key does not reach the database; they live in their
+own cache so a flood of many bad keys cannot push good keys out.
+
+``key_usage_touch`` only notes "used now" in memory; ``keys.services.key_usage_flush``
+writes ``last_used_at`` off the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from decimal import Decimal
+from functools import partial
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.core.cache import cache
+
+from apiforge.local_cache import SyncedLocalCache
+from keys.exceptions import KeyRefused, RefusalReason
+from keys.hashing import key_digest, key_secret_plausible
+from keys.policy import KeyPolicy, KeyRecord, KeyStateRefusal
+from keys.selectors import key_record_by_digest
+
+__all__ = [
+    "KeyPolicy",
+    "KeyRefused",
+    "KeyVerifier",
+    "RefusalReason",
+    "key_cache_invalidate",
+    "key_usage_drain",
+    "key_usage_touch",
+    "key_verify",
+    "key_verify_async",
+]
+
+logger = logging.getLogger(__name__)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Wire format of a shared-cache entry: a flat tuple of primitives (``_UNKNOWN_WIRE`` for "no such
+# key"). The version is part of the cache key, so a deploy that changes the tuple starts afresh.
+_WIRE_VERSION = "v1"
+_UNKNOWN_WIRE = 0
+
+
+class _Entry:
+    """What memory holds per digest: the record, with networks parsed once. ``policy`` None = unknown."""
+
+    __slots__ = ("expires_at", "networks", "policy", "refusal", "valid_until")
+
+    def __init__(
+        self,
+        policy: KeyPolicy | None,
+        refusal: KeyStateRefusal = "",
+        expires_at: float | None = None,
+        valid_until: float | None = None,
+        networks: tuple[IPNetwork, ...] = (),
+    ) -> None:
+        self.policy = policy
+        self.refusal = refusal
+        self.expires_at = expires_at
+        self.valid_until = valid_until
+        self.networks = networks
+
+
+_UNKNOWN = _Entry(None)
+
+
+def _entry_from_record(record: KeyRecord | None) -> _Entry:
+    if record is None:
+        return _UNKNOWN
+    return _Entry(
+        record.policy,
+        record.refusal,
+        record.expires_at,
+        record.valid_until,
+        tuple(ipaddress.ip_network(cidr, strict=False) for cidr in record.ip_allowlist),
+    )
+
+
+def _wire_from_record(record: KeyRecord | None) -> tuple[Any, ...] | int:
+    if record is None:
+        return _UNKNOWN_WIRE
+    p = record.policy
+    return (
+        p.key_id,
+        p.owner_id,
+        p.prefix,
+        p.name,
+        tuple(sorted(p.allowed_models)),
+        tuple(sorted(p.allowed_routes)),
+        p.rpm_limit,
+        p.tpm_limit,
+        p.max_concurrency,
+        p.budget_tokens,
+        None if p.budget_cost is None else str(p.budget_cost),
+        p.budget_period,
+        record.refusal,
+        record.expires_at,
+        record.valid_until,
+        record.ip_allowlist,
+    )
+
+
+def _record_from_wire(wire: tuple[Any, ...] | int) -> KeyRecord | None:
+    if not isinstance(wire, tuple):
+        return None
+    (key_id, owner_id, prefix, name, models, routes, rpm, tpm, concurrency, tokens, cost, period) = wire[:12]
+    refusal, expires_at, valid_until, ip_allowlist = wire[12:]
+    policy = KeyPolicy(
+        key_id=key_id,
+        owner_id=owner_id,
+        prefix=prefix,
+        name=name,
+        allowed_models=frozenset(models),
+        allowed_routes=frozenset(routes),
+        rpm_limit=rpm,
+        tpm_limit=tpm,
+        max_concurrency=concurrency,
+        budget_tokens=tokens,
+        budget_cost=None if cost is None else Decimal(cost),
+        budget_period=period,
+    )
+    return KeyRecord(
+        policy=policy, refusal=refusal, expires_at=expires_at, valid_until=valid_until, ip_allowlist=ip_allowlist
+    )
+
+
+def _ip_allowed(networks: tuple[IPNetwork, ...], client_ip: str | None) -> bool:
+    if not client_ip:
+        return False
+    try:
+        address = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        # A dual-stack socket reports IPv4 clients as ::ffff:a.b.c.d; match them against IPv4 networks.
+        return any(address.ipv4_mapped in network for network in networks) or any(
+            address in network for network in networks
+        )
+    return any(address in network for network in networks)
+
+
+class _EntryCache(SyncedLocalCache[_Entry]):
+    @property
+    def generation(self) -> int | None:
+        """The shared generation this process last saw (None before the first look)."""
+        return self._generation
+
+
+class KeyVerifier:
+    """Verifies secrets against memory, then the shared cache, then the database.
+
+    The module keeps one default instance behind ``key_verify``/``key_verify_async``;
+    more instances (same namespace) behave like further worker processes, which is
+    how the tests show that an invalidation reaches every process.
+    """
+
+    def __init__(
+        self,
+        *,
+        namespace: str = "keys",
+        local_ttl: float = 60.0,
+        shared_ttl: float = 300.0,
+        unknown_ttl: float = 5.0,
+    ) -> None:
+        self.namespace = namespace
+        self.shared_ttl = shared_ttl
+        self.unknown_ttl = unknown_ttl
+        self._known = _EntryCache(namespace, ttl=local_ttl)
+        # Unknown digests live apart, so many distinct bad keys cannot evict the good ones. They need no
+        # invalidation: a write never gives an existing digest to a key (new secrets are fresh).
+        self._unknown: SyncedLocalCache[_Entry] = SyncedLocalCache(f"{namespace}:unknown", ttl=unknown_ttl)
+        self._inflight: dict[str, asyncio.Future[_Entry]] = {}
+        self._load_in_thread = sync_to_async(self._load)
+
+    # --- verification -----------------------------------------------------------------------
+    def verify(self, secret: str, client_ip: str | None) -> KeyPolicy:
+        """The policy of the key ``secret`` belongs to, or ``KeyRefused`` (sync callers)."""
+        if not key_secret_plausible(secret):
+            raise KeyRefused("unknown")
+        digest = key_digest(secret)
+        entry = self._known.get(digest) or self._unknown.get(digest) or self._load(digest)
+        return self._check(entry, client_ip)
+
+    async def verify_async(self, secret: str, client_ip: str | None) -> KeyPolicy:
+        """As ``verify``; a hit in memory completes without suspending, a miss loads in a worker thread."""
+        if not key_secret_plausible(secret):
+            raise KeyRefused("unknown")
+        digest = key_digest(secret)
+        entry = self._known.get(digest) or self._unknown.get(digest)
+        if entry is None:
+            entry = await self._load_async(digest)
+        return self._check(entry, client_ip)
+
+    @staticmethod
+    def _check(entry: _Entry, client_ip: str | None) -> KeyPolicy:
+        policy = entry.policy
+        if policy is None:
+            raise KeyRefused("unknown")
+        now = time.time()
+        if entry.valid_until is not None and now >= entry.valid_until:
+            raise KeyRefused("unknown")  # an old secret after its rotation grace period
+        if entry.refusal:
+            raise KeyRefused(entry.refusal)
+        if entry.expires_at is not None and now >= entry.expires_at:
+            raise KeyRefused("expired")
+        if entry.networks and not _ip_allowed(entry.networks, client_ip):
+            raise KeyRefused("ip_not_allowed")
+        return policy
+
+    # --- loading -------------------------------------------------------------------------------
+    def _shared_key(self, digest: str, generation: int | None) -> str:
+        return f"{self.namespace}:{_WIRE_VERSION}:{generation}:{digest}"
+
+    def _load(self, digest: str) -> _Entry:
+        """Shared cache, else database; remembers the answer at the generation seen before reading."""
+        generation = self._known.generation
+        shared_key = self._shared_key(digest, generation)
+        wire: tuple[Any, ...] | int | None
+        try:
+            wire = cache.get(shared_key)
+        except Exception:
+            logger.warning("shared key cache unavailable; reading the database", exc_info=True)
+            wire = None
+        if wire is None:
+            record = key_record_by_digest(digest=digest)
+            entry = _entry_from_record(record)
+            try:
+                cache.set(
+                    shared_key,
+                    _wire_from_record(record),
+                    timeout=self.unknown_ttl if record is None else self.shared_ttl,
+                )
+            except Exception:
+                logger.warning("shared key cache unavailable; entry not shared", exc_info=True)
+        else:
+            entry = _entry_from_record(_record_from_wire(wire))
+        if entry.policy is None:
+            self._unknown.set(digest, entry)
+        elif self._known.generation == generation:
+            # Otherwise an invalidation arrived while we read: the entry may be stale, so only use it once.
+            self._known.set(digest, entry)
+        return entry
+
+    async def _load_async(self, digest: str) -> _Entry:
+        """One load per digest at a time: concurrent misses for the same key wait for the same thread call."""
+        loop = asyncio.get_running_loop()
+        future = self._inflight.get(digest)
+        if future is None or future.get_loop() is not loop:
+            future = loop.create_task(self._load_in_thread(digest))
+            self._inflight[digest] = future
+            future.add_done_callback(partial(self._inflight_done, digest))
+        return await asyncio.shield(future)
+
+    def _inflight_done(self, digest: str, future: asyncio.Future[_Entry]) -> None:
+        if self._inflight.get(digest) is future:
+            del self._inflight[digest]
+        if not future.cancelled():
+            future.exception()  # retrieved here, so an error seen by no waiter is not reported as lost
+
+    # --- invalidation ----------------------------------------------------------------------------
+    def invalidate(self, digests: Iterable[str]) -> None:
+        """Forget these digests in the shared cache and everything in every process's memory."""
+        generation = self._known.generation
+        shared_keys = [self._shared_key(digest, generation) for digest in digests if digest]
+        if shared_keys:
+            try:
+                cache.delete_many(shared_keys)
+            except Exception:
+                logger.warning("shared key cache unavailable; entries left to the generation bump", exc_info=True)
+        self._known.invalidate()
+
+
+_default = KeyVerifier()
+
+# The proxy's entry points are the default instance's bound methods: no extra call layer on the hot path.
+key_verify = _default.verify
+key_verify_async = _default.verify_async
+key_cache_invalidate = _default.invalidate
+
+
+# --- last_used_at, off the request path ------------------------------------------------------------
+_usage_lock = threading.Lock()
+_usage_pending: dict[int, float] = {}
+
+
+def key_usage_touch(key_id: int) -> None:
+    """Note that ``key_id`` was used now (memory only; ``key_usage_flush`` writes it to the database)."""
+    now = time.time()
+    with _usage_lock:
+        _usage_pending[key_id] = now
+
+
+def key_usage_drain() -> dict[int, float]:
+    """Take the noted uses (key id -> epoch seconds of the latest use) and start a fresh record."""
+    global _usage_pending
+    with _usage_lock:
+        pending, _usage_pending = _usage_pending, {}
+    return pending
+
+
+def key_usage_restore(pending: dict[int, float]) -> None:
+    """Put back uses a flush could not write, keeping any newer use noted since."""
+    with _usage_lock:
+        for key_id, used_at in pending.items():
+            if _usage_pending.get(key_id, 0.0) < used_at:
+                _usage_pending[key_id] = used_at
