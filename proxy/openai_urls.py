@@ -1,5 +1,7 @@
-"""Auth endpoints (filled by the accounts issue)."""
+"""``/v1/`` URLs for the Django-side proxy views (see ``proxy/views.py``)."""
 
-from django.urls import URLPattern
+from django.urls import path
 
-urlpatterns: list[URLPattern] = []
+from proxy.views import openai_proxy
+
+urlpatterns = [path("<path:path>", openai_proxy, name="openai-proxy")]

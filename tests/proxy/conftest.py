@@ -13,8 +13,9 @@ import pytest
 
 from tests.live_server import live_gateway, live_server_factory
 from tests.proxy.fake_upstream import FakeUpstream
+from tests.proxy.helpers import usage
 
-__all__ = ["fake_upstream", "live_gateway", "live_server_factory"]
+__all__ = ["fake_upstream", "live_gateway", "live_server_factory", "usage"]
 
 
 @pytest.fixture

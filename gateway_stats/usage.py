@@ -1,0 +1,148 @@
+"""Usage records: what every proxied call cost, handed off without blocking the answer.
+
+``usage_record_emit(record)`` appends to an in-process deque (O(1), no I/O, no
+lock contention worth the name). A daemon thread drains it every
+``USAGE_FLUSH_INTERVAL_S`` (or sooner when a batch fills) and hands each batch to
+the registered sinks; it also writes the keys' ``last_used_at`` (at most once a
+minute per key) through ``keys.services.key_usage_flush``. For now the default
+sink logs each record at DEBUG; the statistics issue adds the durable ledger as
+another sink.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+logger = logging.getLogger("gateway_stats.usage")
+
+_THOUSAND = Decimal(1000)
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    """One proxied call. Prices ride along so the cost is computed off the request path."""
+
+    request_id: str
+    endpoint: str
+    status: int
+    key_id: int | None = None
+    user_id: int | None = None
+    model: str = ""
+    upstream: str = ""
+    upstream_model: str = ""
+    stream: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: float = 0.0
+    ttfb_ms: float = 0.0
+    started_at: float = field(default_factory=time.time)
+    client_ip: str = ""
+    error_code: str = ""
+    input_price_per_1k: Decimal = Decimal(0)
+    output_price_per_1k: Decimal = Decimal(0)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def cost(self) -> Decimal:
+        return (
+            Decimal(self.prompt_tokens) * self.input_price_per_1k
+            + Decimal(self.completion_tokens) * self.output_price_per_1k
+        ) / _THOUSAND
+
+
+Sink = Callable[[list[UsageRecord]], None]
+
+
+def _log_sink(batch: list[UsageRecord]) -> None:
+    if logger.isEnabledFor(logging.DEBUG):
+        for record in batch:
+            logger.debug(
+                "usage %s %s %s status=%s prompt=%s completion=%s cost=%s latency_ms=%.2f",
+                record.request_id,
+                record.endpoint,
+                record.model,
+                record.status,
+                record.prompt_tokens,
+                record.completion_tokens,
+                record.cost,
+                record.latency_ms,
+            )
+
+
+def _touch_keys_sink(batch: list[UsageRecord]) -> None:
+    from keys.services import key_usage_flush
+
+    key_usage_flush()
+
+
+class UsageEmitter:
+    """A bounded in-process queue drained by one background thread into the sinks."""
+
+    def __init__(self, *, flush_interval: float = 1.0, max_batch: int = 5000, max_queue: int = 1_000_000) -> None:
+        self.flush_interval = flush_interval
+        self.max_batch = max_batch
+        self.sinks: list[Sink] = [_log_sink, _touch_keys_sink]
+        self._queue: deque[UsageRecord] = deque(maxlen=max_queue)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._flush_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def emit(self, record: UsageRecord) -> None:
+        self._queue.append(record)
+        if self._thread is None or not self._thread.is_alive():
+            self._start()
+        elif len(self._queue) >= self.max_batch:
+            self._wake.set()
+
+    def _start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="usage-emitter", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.flush_interval)
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> int:
+        """Hand everything queued so far to the sinks; returns how many records went out."""
+        sent = 0
+        with self._flush_lock:
+            while self._queue:
+                batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+                for sink in list(self.sinks):
+                    try:
+                        sink(batch)
+                    except Exception:
+                        logger.exception("usage sink %r failed on %d records", sink, len(batch))
+                sent += len(batch)
+        return sent
+
+    def stop(self) -> None:
+        """Flush what is left and stop the thread (called at server shutdown)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        self.flush()
+
+
+emitter = UsageEmitter()
+
+
+def usage_record_emit(record: UsageRecord) -> None:
+    """Hand one usage record off the request path. Never blocks, never raises."""
+    emitter.emit(record)

@@ -1,0 +1,171 @@
+"""The routing catalog: public models, their deployments and upstreams, as plain values in memory.
+
+The proxy never queries the database per request: the whole catalog (it is
+small: models x deployments) is loaded in one go into a ``SyncedLocalCache``
+and rebuilt after any change to an Upstream, Model or Deployment, on every
+worker within the cache sync interval. Invalidation hangs off ``post_save`` /
+``post_delete`` so that every write path (API, admin, shell, fixtures) is
+covered; it only touches the cache, never business state.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import transaction
+from django.db.models.signals import post_delete, post_save
+from yarl import URL
+
+from apiforge.local_cache import SyncedLocalCache
+from proxy.models import Deployment, Model, Upstream
+
+ENDPOINTS = ("chat/completions", "completions", "embeddings", "models")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTarget:
+    """What the hot path needs of an upstream: precomputed URLs and headers."""
+
+    id: int
+    name: str
+    kind: str
+    timeout_s: float
+    max_retries: int
+    headers: dict[str, str]
+    urls: dict[str, URL]
+    timeout: aiohttp.ClientTimeout
+    stream_timeout: aiohttp.ClientTimeout
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentTarget:
+    upstream: UpstreamTarget
+    upstream_model: str
+    weight: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoute:
+    name: str
+    deployments: tuple[DeploymentTarget, ...]
+    weights: tuple[int, ...]
+    fallbacks: tuple[str, ...]
+    input_price_per_1k: Decimal
+    output_price_per_1k: Decimal
+    created: int
+
+    def pick(self, exclude: frozenset[int] = frozenset()) -> DeploymentTarget | None:
+        """A deployment by weighted random choice, avoiding the excluded upstream ids when possible."""
+        if len(self.deployments) == 1:
+            return self.deployments[0]
+        pool = [d for d in self.deployments if d.upstream.id not in exclude] or list(self.deployments)
+        weights = [d.weight for d in pool]
+        if sum(weights) <= 0:
+            return pool[0]
+        return random.choices(pool, weights=weights)[0]  # noqa: S311 - load spreading, not security
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    models: dict[str, ModelRoute] = field(default_factory=dict)
+
+
+def _endpoint_urls(base_url: str) -> dict[str, URL]:
+    """Endpoint URLs under ``base_url``, keeping a query string (e.g. Azure's ``api-version``)."""
+    parts = urlsplit(base_url)
+    path = parts.path.rstrip("/")
+    return {
+        endpoint: URL(urlunsplit((parts.scheme, parts.netloc, f"{path}/{endpoint}", parts.query, "")))
+        for endpoint in ENDPOINTS
+    }
+
+
+def _upstream_target(upstream: Upstream) -> UpstreamTarget:
+    headers = {"content-type": "application/json", "accept-encoding": "gzip, deflate"}
+    headers.update({str(k): str(v) for k, v in (upstream.extra_headers or {}).items()})
+    api_key = upstream.api_key
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    return UpstreamTarget(
+        id=upstream.pk,
+        name=upstream.name,
+        kind=upstream.kind,
+        timeout_s=upstream.timeout_s,
+        max_retries=upstream.max_retries,
+        headers=headers,
+        urls=_endpoint_urls(upstream.base_url) if upstream.base_url else {},
+        # Non-streamed calls must finish within timeout_s; a stream may last longer but no gap may exceed it.
+        timeout=aiohttp.ClientTimeout(total=upstream.timeout_s, sock_connect=settings.PROXY_CONNECT_TIMEOUT_S),
+        stream_timeout=aiohttp.ClientTimeout(
+            total=None, sock_read=upstream.timeout_s, sock_connect=settings.PROXY_CONNECT_TIMEOUT_S
+        ),
+    )
+
+
+def catalog_load() -> Catalog:
+    """Build the catalog from the database (two queries)."""
+    deployments: dict[int, list[DeploymentTarget]] = {}
+    targets: dict[int, UpstreamTarget] = {}
+    rows = Deployment.objects.filter(is_active=True, upstream__is_active=True).select_related("upstream")
+    for deployment in rows:
+        upstream = deployment.upstream
+        target = targets.get(upstream.pk) or targets.setdefault(upstream.pk, _upstream_target(upstream))
+        deployments.setdefault(deployment.model_id, []).append(
+            DeploymentTarget(upstream=target, upstream_model=deployment.upstream_model, weight=deployment.weight)
+        )
+    models: dict[str, ModelRoute] = {}
+    for model in Model.objects.filter(is_active=True):
+        routes = tuple(deployments.get(model.pk, ()))
+        models[model.name] = ModelRoute(
+            name=model.name,
+            deployments=routes,
+            weights=tuple(d.weight for d in routes),
+            fallbacks=tuple(str(name) for name in (model.fallbacks or []) if name != model.name),
+            input_price_per_1k=model.input_price_per_1k,
+            output_price_per_1k=model.output_price_per_1k,
+            created=int(model.created_at.timestamp()),
+        )
+    return Catalog(models=models)
+
+
+_cache: SyncedLocalCache[Catalog] = SyncedLocalCache("proxy-catalog", ttl=300.0)
+_CATALOG = "catalog"
+
+
+def catalog_get() -> Catalog:
+    """The current catalog (memory; database only after an invalidation or TTL)."""
+    catalog = _cache.get(_CATALOG)
+    if catalog is None:
+        catalog = catalog_load()
+        _cache.set(_CATALOG, catalog)
+    return catalog
+
+
+async def catalog_get_async() -> Catalog:
+    """Like ``catalog_get`` without blocking the event loop on a miss."""
+    catalog = _cache.get(_CATALOG)
+    if catalog is None:
+        catalog = await sync_to_async(catalog_load, thread_sensitive=False)()
+        _cache.set(_CATALOG, catalog)
+    return catalog
+
+
+def catalog_invalidate() -> None:
+    """Drop the catalog here and, within the sync interval, on every worker."""
+    _cache.invalidate()
+
+
+def _on_change(sender: type, **kwargs: Any) -> None:
+    transaction.on_commit(catalog_invalidate)
+
+
+for _model in (Upstream, Model, Deployment):
+    post_save.connect(_on_change, sender=_model, dispatch_uid=f"catalog-{_model.__name__}-save")
+    post_delete.connect(_on_change, sender=_model, dispatch_uid=f"catalog-{_model.__name__}-delete")

@@ -1,0 +1,423 @@
+"""The OpenAI-compatible proxy, independent of the server interface.
+
+``proxy_handle(ProxyRequest) -> ProxyResponse`` does the whole job: route,
+authenticate (keys' cached verification), validate, pick a deployment, forward
+through the pooled client with retries and fallbacks, relay streams event by
+event, and hand one usage record off the request path. The lean ASGI app
+(``proxy/asgi.py``) and the Django views (``proxy/views.py``) are thin adapters
+around it, so both answer alike.
+
+Hot-path rules: no ORM, no sync I/O, no per-request logging, orjson only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from gateway_stats.usage import UsageRecord, usage_record_emit
+from keys.verification import KeyPolicy, KeyRefused, key_verify_async
+from proxy.catalog import Catalog, DeploymentTarget, ModelRoute, catalog_get_async
+from proxy.errors import ProxyError, bad_request, not_found, upstream_error, upstream_timeout
+from proxy.mock_backend import mock_answer, mock_stream
+
+JSON = b"application/json"
+SSE = b"text/event-stream"
+RETRYABLE_STATUSES = frozenset({500, 502, 503, 504})
+MODELS_PREFIX = "/v1/models/"
+
+# path -> (endpoint, method, required body field)
+POST_ENDPOINTS: dict[str, tuple[str, str]] = {
+    "/v1/chat/completions": ("chat/completions", "messages"),
+    "/v1/completions": ("completions", "prompt"),
+    "/v1/embeddings": ("embeddings", "input"),
+}
+STREAMABLE = frozenset({"chat/completions", "completions"})
+
+_REFUSALS = {
+    "unknown": (401, "invalid_api_key", "Incorrect API key provided."),
+    "inactive": (403, "api_key_disabled", "This API key is disabled."),
+    "revoked": (403, "api_key_revoked", "This API key has been revoked."),
+    "expired": (403, "api_key_expired", "This API key has expired."),
+    "ip_not_allowed": (403, "ip_not_allowed", "This API key may not be used from your IP address."),
+}
+
+
+@dataclass(slots=True)
+class ProxyRequest:
+    method: str
+    path: str
+    api_key: str | None
+    client_ip: str | None
+    request_id: str
+    body: bytes = b""
+
+
+@dataclass(slots=True)
+class ProxyResponse:
+    status: int
+    body: bytes = b""
+    content_type: bytes = JSON
+    stream: AsyncIterator[bytes] | None = None
+    # Called when the client goes away mid-stream: closes the upstream connection.
+    abort: Callable[[], None] | None = None
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+def _error_response(error: ProxyError) -> ProxyResponse:
+    return ProxyResponse(status=error.status, body=error.body())
+
+
+async def proxy_handle(request: ProxyRequest) -> ProxyResponse:
+    """Answer one proxy request; never raises for a client or upstream problem."""
+    record = UsageRecord(
+        request_id=request.request_id, endpoint=request.path, status=0, client_ip=request.client_ip or ""
+    )
+    started = time.perf_counter()
+    try:
+        response = await _dispatch(request, record, started)
+    except ProxyError as error:
+        response = _error_response(error)
+        record.error_code = error.code
+    if response.stream is None:
+        record.status = response.status
+        record.latency_ms = (time.perf_counter() - started) * 1000
+        usage_record_emit(record)
+    return response
+
+
+async def _dispatch(request: ProxyRequest, record: UsageRecord, started: float) -> ProxyResponse:
+    path = request.path
+    post = POST_ENDPOINTS.get(path)
+    if post is not None:
+        if request.method != "POST":
+            raise ProxyError(405, f"Method {request.method} not allowed on {path}.", code="method_not_allowed")
+        policy = await _authenticate(request, record)
+        return await _forward(request, policy, post[0], post[1], record, started)
+    if path == "/v1/models" or path.startswith(MODELS_PREFIX):
+        if request.method != "GET":
+            raise ProxyError(405, f"Method {request.method} not allowed on {path}.", code="method_not_allowed")
+        policy = await _authenticate(request, record)
+        catalog = await catalog_get_async()
+        if path == "/v1/models":
+            data = [_model_object(route) for name, route in sorted(catalog.models.items()) if policy.allows_model(name)]
+            return ProxyResponse(200, orjson.dumps({"object": "list", "data": data}))
+        name = path[len(MODELS_PREFIX) :]
+        route = _model_route(catalog, policy, name)
+        return ProxyResponse(200, orjson.dumps(_model_object(route)))
+    raise not_found(f"Unknown path {path}.", code="unknown_url")
+
+
+def _model_object(route: ModelRoute) -> dict[str, Any]:
+    return {"id": route.name, "object": "model", "created": route.created, "owned_by": "apiforge"}
+
+
+async def _authenticate(request: ProxyRequest, record: UsageRecord) -> KeyPolicy:
+    if not request.api_key:
+        raise ProxyError(
+            401,
+            "Missing API key: send it as 'Authorization: Bearer <key>', 'x-api-key' or 'api-key'.",
+            code="missing_api_key",
+        )
+    try:
+        policy = await key_verify_async(request.api_key, request.client_ip)
+    except KeyRefused as refused:
+        status, code, message = _REFUSALS.get(refused.reason, _REFUSALS["unknown"])
+        raise ProxyError(status, message, code=code) from None
+    record.key_id = policy.key_id
+    record.user_id = policy.owner_id
+    return policy
+
+
+def _model_route(catalog: Catalog, policy: KeyPolicy, name: str) -> ModelRoute:
+    route = catalog.models.get(name)
+    if route is None:
+        raise not_found(f"The model {name!r} does not exist.", code="model_not_found")
+    if not policy.allows_model(name):
+        raise ProxyError(403, f"This API key may not use the model {name!r}.", code="model_not_allowed", param="model")
+    return route
+
+
+def _parse_body(body: bytes, required: str) -> dict[str, Any]:
+    if not body:
+        raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise bad_request("The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("'model' is required and must be a string.", param="model", code="missing_model")
+    value = payload.get(required)
+    if value is None or (required == "messages" and (not isinstance(value, list) or not value)):
+        raise bad_request(f"'{required}' is required.", param=required, code=f"missing_{required}")
+    stream = payload.get("stream", False)
+    if not isinstance(stream, bool):
+        raise bad_request("'stream' must be a boolean.", param="stream", code="invalid_stream")
+    return payload
+
+
+async def _forward(
+    request: ProxyRequest, policy: KeyPolicy, endpoint: str, required: str, record: UsageRecord, started: float
+) -> ProxyResponse:
+    payload = _parse_body(request.body, required)
+    catalog = await catalog_get_async()
+    route = _model_route(catalog, policy, payload["model"])
+    stream = bool(payload.get("stream")) and endpoint in STREAMABLE
+    client_wants_usage = False
+    if stream:
+        options = payload.get("stream_options")
+        client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+        payload["stream_options"] = (
+            {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
+        )
+    record.model = route.name
+    record.stream = stream
+    last_error: ProxyError | None = None
+    for candidate in _candidates(catalog, route):
+        tried: set[int] = set()
+        deployment = candidate.pick()
+        if deployment is None:
+            continue
+        for _attempt in range(1 + deployment.upstream.max_retries):
+            _note_deployment(record, candidate, deployment)
+            try:
+                if stream:
+                    return await _open_stream(endpoint, payload, deployment, record, started, client_wants_usage)
+                return await _call_json(endpoint, payload, deployment, record)
+            except _Retryable as retry:
+                last_error = retry.error
+                tried.add(deployment.upstream.id)
+                deployment = candidate.pick(exclude=frozenset(tried)) or deployment
+    if last_error is not None:
+        raise last_error
+    raise ProxyError(503, f"No healthy upstream for the model {route.name!r}.", code="no_healthy_upstream")
+
+
+def _candidates(catalog: Catalog, route: ModelRoute) -> list[ModelRoute]:
+    """The model itself, then its fallbacks in order (unknown or inactive ones skipped)."""
+    candidates = [route]
+    for name in route.fallbacks:
+        fallback = catalog.models.get(name)
+        if fallback is not None and fallback not in candidates:
+            candidates.append(fallback)
+    return candidates
+
+
+def _note_deployment(record: UsageRecord, route: ModelRoute, deployment: DeploymentTarget) -> None:
+    record.model = route.name
+    record.upstream = deployment.upstream.name
+    record.upstream_model = deployment.upstream_model
+    record.input_price_per_1k = route.input_price_per_1k
+    record.output_price_per_1k = route.output_price_per_1k
+
+
+class _Retryable(Exception):
+    def __init__(self, error: ProxyError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _record_usage(record: UsageRecord, usage: Any) -> None:
+    if isinstance(usage, dict):
+        prompt = usage.get("prompt_tokens")
+        completion = usage.get("completion_tokens")
+        record.prompt_tokens = prompt if isinstance(prompt, int) else 0
+        record.completion_tokens = completion if isinstance(completion, int) else 0
+
+
+def _upstream_failure(status: int, body: bytes, upstream: str) -> ProxyError:
+    """The client-facing error for an upstream error answer: its message when it is safe to show."""
+    message = ""
+    try:
+        parsed = orjson.loads(body)
+        error = parsed.get("error") if isinstance(parsed, dict) else None
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            message = error["message"][:500]
+    except orjson.JSONDecodeError:
+        pass
+    # 4xx answers (bad parameters, context too long) are the client's to fix: pass them on, except
+    # 401/403/404, which say our upstream credentials or model mapping are wrong, not the client's.
+    if 400 <= status < 500 and status not in (401, 403, 404, 407):
+        return ProxyError(status, message or f"The upstream refused the request ({status}).", code="upstream_refused")
+    detail = f": {message}" if message and status not in (401, 403, 407) else ""
+    return upstream_error(f"The upstream {upstream!r} answered {status}{detail}")
+
+
+def _upstream_body(payload: dict[str, Any], deployment: DeploymentTarget) -> bytes:
+    payload["model"] = deployment.upstream_model
+    return orjson.dumps(payload)
+
+
+async def _call_json(
+    endpoint: str, payload: dict[str, Any], deployment: DeploymentTarget, record: UsageRecord
+) -> ProxyResponse:
+    upstream = deployment.upstream
+    if upstream.kind == "mock":
+        answer = mock_answer(endpoint, payload, deployment.upstream_model)
+        _record_usage(record, answer.get("usage"))
+        return ProxyResponse(200, orjson.dumps(answer))
+    from proxy.upstream_client import upstream_session
+
+    data = _upstream_body(payload, deployment)
+    try:
+        async with upstream_session().post(
+            upstream.urls[endpoint],
+            data=data,
+            headers=upstream.headers,
+            timeout=upstream.timeout,
+            allow_redirects=False,
+        ) as response:
+            body = await response.read()
+            status = response.status
+    except TimeoutError:
+        raise upstream_timeout(upstream.name) from None
+    except aiohttp.ClientError as exc:
+        raise _Retryable(
+            upstream_error(f"Could not reach the upstream {upstream.name!r} ({type(exc).__name__}).")
+        ) from None
+    if status != 200:
+        error = _upstream_failure(status, body, upstream.name)
+        if status in RETRYABLE_STATUSES:
+            raise _Retryable(error)
+        raise error
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise upstream_error(f"The upstream {upstream.name!r} answered with invalid JSON.") from None
+    if isinstance(parsed, dict):
+        _record_usage(record, parsed.get("usage"))
+    return ProxyResponse(200, body)
+
+
+async def _open_stream(
+    endpoint: str,
+    payload: dict[str, Any],
+    deployment: DeploymentTarget,
+    record: UsageRecord,
+    started: float,
+    client_wants_usage: bool,
+) -> ProxyResponse:
+    """Open the upstream stream (retryable until here) and return a response relaying it."""
+    upstream = deployment.upstream
+    if upstream.kind == "mock":
+        relay = _relay(mock_stream(endpoint, payload, deployment.upstream_model), record, started, client_wants_usage)
+        return ProxyResponse(200, content_type=SSE, stream=relay)
+    from proxy.upstream_client import upstream_session
+
+    data = _upstream_body(payload, deployment)
+    try:
+        response = await upstream_session().post(
+            upstream.urls[endpoint],
+            data=data,
+            headers=upstream.headers,
+            timeout=upstream.stream_timeout,
+            allow_redirects=False,
+        )
+    except TimeoutError:
+        raise upstream_timeout(upstream.name) from None
+    except aiohttp.ClientError as exc:
+        raise _Retryable(
+            upstream_error(f"Could not reach the upstream {upstream.name!r} ({type(exc).__name__}).")
+        ) from None
+    if response.status != 200:
+        try:
+            body = await response.read()
+        except (aiohttp.ClientError, TimeoutError):
+            body = b""
+        finally:
+            response.release()
+        error = _upstream_failure(response.status, body, upstream.name)
+        if response.status in RETRYABLE_STATUSES:
+            raise _Retryable(error)
+        raise error
+    relay = _relay(_upstream_pieces(response, upstream.name), record, started, client_wants_usage)
+
+    def abort() -> None:
+        record.status = 499
+        record.error_code = "client_disconnected"
+        response.close()
+
+    return ProxyResponse(200, content_type=SSE, stream=relay, abort=abort)
+
+
+async def _upstream_pieces(response: aiohttp.ClientResponse, upstream: str) -> AsyncIterator[bytes]:
+    """Bytes from the upstream as they arrive; the connection is closed early if we stop early."""
+    finished = False
+    try:
+        async for piece in response.content.iter_any():
+            yield piece
+        finished = True
+    except TimeoutError:
+        raise upstream_timeout(upstream) from None
+    except aiohttp.ClientError:
+        raise upstream_error(f"The upstream {upstream!r} broke off the stream.") from None
+    finally:
+        if finished:
+            response.release()
+        else:
+            response.close()
+
+
+def _usage_in(events: bytes, record: UsageRecord, keep_usage_chunk: bool) -> bytes:
+    """Note the usage carried by complete SSE ``events``; drop the usage-only chunk unless the client asked."""
+    kept: list[bytes] = []
+    for event in events.split(b"\n\n"):
+        if not event:
+            continue
+        if b'"usage"' in event and event.startswith(b"data: {"):
+            try:
+                chunk = orjson.loads(event[6:])
+            except orjson.JSONDecodeError:
+                chunk = None
+            if isinstance(chunk, dict) and chunk.get("usage"):
+                _record_usage(record, chunk["usage"])
+                if not keep_usage_chunk and not chunk.get("choices"):
+                    continue
+        kept.append(event + b"\n\n")
+    return b"".join(kept)
+
+
+async def _relay(
+    pieces: AsyncIterator[bytes], record: UsageRecord, started: float, client_wants_usage: bool
+) -> AsyncIterator[bytes]:
+    """Pass complete SSE events on as they arrive, noting usage; always emits the usage record."""
+    buffer = b""
+    record.status = 200
+    try:
+        async for piece in pieces:
+            if not record.ttfb_ms:
+                record.ttfb_ms = (time.perf_counter() - started) * 1000
+            if b"\r" in piece:
+                piece = piece.replace(b"\r\n", b"\n")
+            buffer += piece
+            end = buffer.rfind(b"\n\n")
+            if end < 0:
+                continue
+            events, buffer = buffer[: end + 2], buffer[end + 2 :]
+            if b'"usage"' in events:
+                events = _usage_in(events, record, client_wants_usage)
+            if events:
+                yield events
+        if buffer.strip():
+            yield _usage_in(buffer, record, client_wants_usage) if b'"usage"' in buffer else buffer
+    except ProxyError as error:
+        if record.error_code != "client_disconnected":
+            record.status = error.status
+            record.error_code = error.code
+            yield error.sse_event()
+    except (asyncio.CancelledError, GeneratorExit):
+        record.status = 499
+        record.error_code = "client_disconnected"
+        raise
+    finally:
+        record.latency_ms = (time.perf_counter() - started) * 1000
+        usage_record_emit(record)
