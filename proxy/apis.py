@@ -7,20 +7,16 @@ header values are answered masked, because both may carry credentials.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, cast
 
 from django.contrib.auth.base_user import AbstractBaseUser
-from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import QuerySet
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
-from rest_framework import permissions, serializers, status, viewsets
-from rest_framework.exceptions import APIException
+from rest_framework import permissions, serializers, viewsets
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
-from proxy.exceptions import UpstreamInUse
+from apiforge.errors import ErrorResponseSerializer
 from proxy.models import Deployment, Model, Upstream
 from proxy.selectors import model_list_for_user, upstream_list
 from proxy.services import (
@@ -35,12 +31,6 @@ from proxy.services import (
     upstream_delete,
     upstream_update,
 )
-
-
-class Conflict(APIException):
-    status_code = status.HTTP_409_CONFLICT
-    default_detail = "The object is in use."
-    default_code = "conflict"
 
 
 class IsStaff(permissions.BasePermission):
@@ -67,19 +57,7 @@ def _client_ip(request: Request) -> str | None:
     return request.META.get("REMOTE_ADDR") or None
 
 
-@contextmanager
-def _as_field_errors() -> Iterator[None]:
-    """A service's Django ``ValidationError`` becomes the API's 400 with field errors."""
-    try:
-        yield
-    except DjangoValidationError as exc:
-        if hasattr(exc, "error_dict"):
-            fields = {("non_field_errors" if k == "__all__" else k): v for k, v in exc.message_dict.items()}
-            raise serializers.ValidationError(fields) from exc
-        raise serializers.ValidationError({"non_field_errors": exc.messages}) from exc
-
-
-_ERROR = OpenApiResponse(description='Error: `{"detail", "code", "fields"?}`.')
+_ERROR = OpenApiResponse(ErrorResponseSerializer, description="Validation errors, by field.")
 
 
 # --- Upstreams ---------------------------------------------------------------
@@ -149,7 +127,7 @@ class UpstreamSerializer(serializers.ModelSerializer[Upstream]):
     ),
     destroy=extend_schema(
         summary="Delete an upstream (staff)",
-        responses={204: None, 409: OpenApiResponse(description="Still used by a model's deployment.")},
+        responses={204: None, 409: OpenApiResponse(ErrorResponseSerializer, description="Still used by a deployment.")},
     ),
 )
 @extend_schema(tags=["upstreams"])
@@ -167,25 +145,20 @@ class UpstreamViewSet(viewsets.ModelViewSet[Upstream]):
         return upstream_list()
 
     def perform_create(self, serializer: serializers.BaseSerializer[Upstream]) -> None:
-        with _as_field_errors():
-            serializer.instance = upstream_create(
-                data=serializer.validated_data, actor=_actor(self.request), ip_address=_client_ip(self.request)
-            )
+        serializer.instance = upstream_create(
+            data=serializer.validated_data, actor=_actor(self.request), ip_address=_client_ip(self.request)
+        )
 
     def perform_update(self, serializer: serializers.BaseSerializer[Upstream]) -> None:
-        with _as_field_errors():
-            serializer.instance = upstream_update(
-                upstream=cast(Upstream, serializer.instance),
-                data=serializer.validated_data,
-                actor=_actor(self.request),
-                ip_address=_client_ip(self.request),
-            )
+        serializer.instance = upstream_update(
+            upstream=cast(Upstream, serializer.instance),
+            data=serializer.validated_data,
+            actor=_actor(self.request),
+            ip_address=_client_ip(self.request),
+        )
 
     def perform_destroy(self, instance: Upstream) -> None:
-        try:
-            upstream_delete(upstream=instance, actor=_actor(self.request), ip_address=_client_ip(self.request))
-        except UpstreamInUse as exc:
-            raise Conflict(str(exc), code="upstream_in_use") from exc
+        upstream_delete(upstream=instance, actor=_actor(self.request), ip_address=_client_ip(self.request))
 
 
 # --- Models ------------------------------------------------------------------
@@ -304,26 +277,24 @@ class ModelViewSet(viewsets.ModelViewSet[Model]):
     def perform_create(self, serializer: serializers.BaseSerializer[Model]) -> None:
         data = dict(serializer.validated_data)
         deployments = _deployment_specs(data.pop("deployments"))
-        with _as_field_errors():
-            model = model_create(
-                data=cast(ModelFields, data),
-                deployments=deployments,
-                actor=_actor(self.request),
-                ip_address=_client_ip(self.request),
-            )
+        model = model_create(
+            data=cast(ModelFields, data),
+            deployments=deployments,
+            actor=_actor(self.request),
+            ip_address=_client_ip(self.request),
+        )
         serializer.instance = self._fresh(model)
 
     def perform_update(self, serializer: serializers.BaseSerializer[Model]) -> None:
         data = dict(serializer.validated_data)
         items = data.pop("deployments", None)
-        with _as_field_errors():
-            model = model_update(
-                model=cast(Model, serializer.instance),
-                data=cast(ModelFields, data),
-                deployments=_deployment_specs(items) if items is not None else None,
-                actor=_actor(self.request),
-                ip_address=_client_ip(self.request),
-            )
+        model = model_update(
+            model=cast(Model, serializer.instance),
+            data=cast(ModelFields, data),
+            deployments=_deployment_specs(items) if items is not None else None,
+            actor=_actor(self.request),
+            ip_address=_client_ip(self.request),
+        )
         serializer.instance = self._fresh(model)
 
     def perform_destroy(self, instance: Model) -> None:

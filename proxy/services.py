@@ -240,7 +240,6 @@ def upstream_update(
         if key_change:
             locked.api_key = new_key
     upstream_validate(upstream=locked)
-    locked.save()
     after = _upstream_snapshot(locked)
     changes: dict[str, Any] = {field: [before[field], after[field]] for field in after if before[field] != after[field]}
     if "extra_headers" not in changes and locked.extra_headers != headers_before:
@@ -248,6 +247,9 @@ def upstream_update(
         changes["extra_headers"] = "values changed"
     if key_change:
         changes["api_key"] = key_change
+    if not changes:
+        return locked
+    locked.save()
     audit_record(
         actor=actor,
         action="upstream.update",
@@ -441,9 +443,10 @@ def model_update(
         if field in data:
             setattr(locked, field, data[field])  # type: ignore[literal-required]
     model_validate(model=locked)
-    locked.save()
     after = _model_snapshot(locked)
     changes: dict[str, Any] = {field: [before[field], after[field]] for field in after if before[field] != after[field]}
+    if changes:
+        locked.save()
     if deployments is not None:
         after_deployments = _deployments_replace(model=locked, deployments=deployments)
         if after_deployments != before_deployments:
@@ -452,6 +455,8 @@ def model_update(
         renamed_in = _fallbacks_rewrite(old_name=before["name"], new_name=locked.name, exclude_pk=locked.pk)
         if renamed_in:
             changes["fallback_renamed_in"] = renamed_in
+    if not changes:
+        return locked
     audit_record(
         actor=actor,
         action="model.update",

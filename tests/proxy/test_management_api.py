@@ -317,6 +317,20 @@ def test_upstream_writes_are_audited_without_secrets(staff: User, staff_client: 
     assert events[2].changes["extra_headers"] == "values changed"
 
 
+def test_a_patch_that_changes_nothing_writes_no_audit_event(staff_client: APIClient) -> None:
+    upstream = UpstreamFactory(api_key=SECRET, timeout_s=20.0)
+    model = DeploymentFactory(model__name="same", upstream=upstream).model
+
+    upstream_answer = staff_client.patch(
+        f"{UPSTREAMS}{upstream.pk}/", {"timeout_s": 20, "api_key": SECRET, "extra_headers": {}}, format="json"
+    )
+    model_answer = staff_client.patch(f"{MODELS}{model.pk}/", {"name": "same", "is_active": True}, format="json")
+
+    assert upstream_answer.status_code == 200
+    assert model_answer.status_code == 200
+    assert not AuditEvent.objects.exists()
+
+
 # --- models: staff ---------------------------------------------------------------------------------
 
 
