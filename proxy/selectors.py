@@ -53,4 +53,4 @@ def model_list_for_user(*, user: AbstractBaseUser | AnonymousUser | None) -> Que
 
 def model_list_for_admin() -> QuerySet[Model]:
     """Models with their deployment count, for the admin changelist."""
-    return Model.objects.annotate(deployment_count=Count("deployments"))
+    return Model.objects.annotate(deployment_count=Count("deployments", distinct=True))

@@ -218,6 +218,20 @@ def test_model_changelist_counts_deployments_without_n_plus_one(admin_client: Cl
     assert "first" in html
 
 
+def test_model_changelist_filtered_by_upstream_counts_each_deployment_once(admin_client: Client) -> None:
+    upstream = UpstreamFactory(name="shared")
+    model = ModelFactory(name="multi")
+    DeploymentFactory.create_batch(2, model=model, upstream=upstream)
+    DeploymentFactory(model=model)
+    DeploymentFactory(model__name="elsewhere")
+
+    response = admin_client.get(MODEL_LIST, {"deployments__upstream__id__exact": upstream.pk})
+
+    assert response.status_code == 200
+    rows = list(response.context["cl"].result_list)
+    assert [(row.name, row.deployment_count) for row in rows] == [("multi", 3)]
+
+
 def test_model_change_page_with_inline_deployments_does_not_n_plus_one(admin_client: Client) -> None:
     UpstreamFactory.create_batch(4)
     small = ModelFactory()
