@@ -20,7 +20,7 @@ from rest_framework_simplejwt.views import TokenRefreshView
 
 from accounts.models import User
 from accounts.services import user_login, user_logout, user_register
-from apiforge.errors import WWW_AUTHENTICATE, ErrorResponseSerializer
+from apiforge.errors import ErrorResponseSerializer
 
 _TAGS = ["auth"]
 _ERROR = ErrorResponseSerializer
@@ -66,13 +66,10 @@ def _client_ip(request: Request) -> str | None:
 
 
 class _PublicAuthView(APIView):
-    """Endpoints reached without credentials; their 401s still carry a Bearer challenge."""
+    """Endpoints reached without credentials (their 401s are domain errors, which carry the Bearer challenge)."""
 
     authentication_classes = ()
     permission_classes = (AllowAny,)
-
-    def get_authenticate_header(self, request: Request) -> str:
-        return WWW_AUTHENTICATE
 
 
 class RegisterView(_PublicAuthView):
