@@ -14,6 +14,12 @@ from proxy.models import Model
 from tests.factories import UserFactory
 
 
+@pytest.fixture(autouse=True)
+def _fast_password_hasher(settings: Any) -> None:
+    # Factories hash a password per user; the default PBKDF2 cost would dominate these tests' run time.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture
 def user(db: None) -> User:
     return UserFactory(username="alice")
