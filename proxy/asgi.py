@@ -29,7 +29,6 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 PROXY_PREFIXES = ("/v1/", "/gw/")
 _KEY_HEADERS = (b"x-api-key", b"api-key")
@@ -132,7 +131,7 @@ async def _send(response: ProxyResponse, request_id: bytes, receive: Receive, se
 class ProxyDispatcher:
     """The seam: proxy paths take the lean app, the rest goes to Django."""
 
-    def __init__(self, django_app: ASGIApp) -> None:
+    def __init__(self, django_app: Callable[..., Awaitable[None]]) -> None:
         self.django_app = django_app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

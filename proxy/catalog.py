@@ -21,6 +21,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import transaction
 from django.db.models.signals import post_delete, post_save
+from multidict import CIMultiDict
 from yarl import URL
 
 from apiforge.local_cache import SyncedLocalCache
@@ -38,7 +39,7 @@ class UpstreamTarget:
     kind: str
     timeout_s: float
     max_retries: int
-    headers: dict[str, str]
+    headers: CIMultiDict[str]
     urls: dict[str, URL]
     timeout: aiohttp.ClientTimeout
     stream_timeout: aiohttp.ClientTimeout
@@ -99,7 +100,7 @@ def _upstream_target(upstream: Upstream) -> UpstreamTarget:
         kind=upstream.kind,
         timeout_s=upstream.timeout_s,
         max_retries=upstream.max_retries,
-        headers=headers,
+        headers=CIMultiDict(headers),
         urls=_endpoint_urls(upstream.base_url) if upstream.base_url else {},
         # Non-streamed calls must finish within timeout_s; a stream may last longer but no gap may exceed it.
         timeout=aiohttp.ClientTimeout(total=upstream.timeout_s, sock_connect=settings.PROXY_CONNECT_TIMEOUT_S),

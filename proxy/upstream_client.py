@@ -29,6 +29,7 @@ def _new_session() -> aiohttp.ClientSession:
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.PROXY_CONNECT_TIMEOUT_S),
         json_serialize=lambda obj: orjson.dumps(obj).decode(),
         trust_env=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("User-Agent",),
         raise_for_status=False,
     )
