@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
 import pytest
 from rest_framework.test import APIClient
+
+from tests.live_server import LiveServer, live_gateway, live_server_factory
+
+__all__ = ["live_gateway", "live_server_factory"]  # fixtures used here
 
 pytestmark = pytest.mark.django_db
 
@@ -66,3 +75,37 @@ def test_a_user_registered_through_the_api_can_log_into_the_admin_only_when_staf
     assert api.login(username="dev", password=PASSWORD)
     # Ordinary users are not staff: the admin sends them to its login page.
     assert api.get("/admin/").status_code == 302
+
+
+def _http(
+    method: str, url: str, body: dict[str, str] | None = None, token: str = ""
+) -> tuple[int, dict[str, str], Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, method=method, data=data)  # noqa: S310 - http://127.0.0.1
+    request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - http://127.0.0.1
+            status, headers, raw = response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        status, headers, raw = exc.code, dict(exc.headers), exc.read()
+    return status, {k.lower(): v for k, v in headers.items()}, json.loads(raw) if raw else None
+
+
+def test_the_flow_works_against_the_running_asgi_application(live_gateway: LiveServer) -> None:
+    credentials = {"username": "live", "password": PASSWORD}
+
+    status, _, user = _http("POST", live_gateway.url("/auth/register"), {**credentials, "email": "live@example.com"})
+    assert status == 201
+    status, _, tokens = _http("POST", live_gateway.url("/auth/login"), credentials)
+    assert status == 200
+    status, headers, me = _http("GET", live_gateway.url("/auth/me"), token=tokens["access"])
+    assert (status, me) == (200, user)
+    assert headers["x-request-id"]
+    status, _, _ = _http("POST", live_gateway.url("/auth/logout"), {"refresh": tokens["refresh"]}, tokens["access"])
+    assert status == 205
+    status, headers, error = _http("POST", live_gateway.url("/auth/refresh"), {"refresh": tokens["refresh"]})
+    assert status == 401
+    assert error["code"] == "token_not_valid"
+    assert headers["content-type"] == "application/json"
