@@ -142,6 +142,8 @@ class KeyRotateSerializer(StrictFieldsMixin, serializers.Serializer):
 
 
 class ApiKeyFilter(django_filters.FilterSet):
+    # A number, not a choice of users: the browsable API would otherwise list every user in a select box.
+    owner = django_filters.NumberFilter(field_name="owner_id", label="Owner (user id; staff)")
     revoked = django_filters.BooleanFilter(
         field_name="revoked_at", lookup_expr="isnull", exclude=True, label="Revoked keys only (true) or none (false)"
     )
