@@ -104,3 +104,8 @@ def key_model_scopes_for_user(*, user_id: int) -> tuple[bool, set[str]]:
             return True, set()
         names.update(str(name) for name in allowed)
     return False, names
+
+
+def key_names_for_owner(*, owner_id: int) -> set[str]:
+    """Names of the keys ``owner_id`` holds (revoked ones included)."""
+    return set(ApiKey.objects.filter(owner_id=owner_id).values_list("name", flat=True))

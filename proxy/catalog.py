@@ -153,7 +153,7 @@ async def catalog_get_async() -> Catalog:
     """Like ``catalog_get`` without blocking the event loop on a miss."""
     catalog = _cache.get(_CATALOG)
     if catalog is None:
-        catalog = await sync_to_async(catalog_load, thread_sensitive=False)()
+        catalog = await sync_to_async(catalog_load)()
         _cache.set(_CATALOG, catalog)
     return catalog
 

@@ -3,7 +3,7 @@
 Idempotent. Creates a superuser when none exists: credentials from
 ``DJANGO_SUPERUSER_USERNAME`` / ``DJANGO_SUPERUSER_PASSWORD`` /
 ``DJANGO_SUPERUSER_EMAIL``, else username ``admin`` with a generated password,
-printed once (only when the user is created). Then runs ``_bootstrap_demo``.
+printed once (only when the user is created).
 Refuses to run with ``APP_ENV=production`` unless ``--force``.
 """
 
@@ -15,18 +15,9 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.core.management.base import BaseCommand, CommandError, CommandParser, OutputWrapper
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from accounts.models import User
 from accounts.services import superuser_ensure
-
-
-def _bootstrap_demo(user: User, stdout: OutputWrapper) -> None:
-    """Demo data for a development stack, owned by ``user``; runs on every bootstrap.
-
-    Empty for now: the proxy issue fills it (a demo model and a demo API key,
-    printed to ``stdout``). Whatever it does must be idempotent.
-    """
 
 
 class Command(BaseCommand):
@@ -62,5 +53,3 @@ class Command(BaseCommand):
             self.stdout.write(
                 self.style.SUCCESS(f"Created superuser {user.username!r} (password from DJANGO_SUPERUSER_PASSWORD).")
             )
-
-        _bootstrap_demo(user, self.stdout)
