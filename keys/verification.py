@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterable
@@ -57,7 +58,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# An allowlisted network as (IP version, network address, netmask) integers; a client address as (version, int).
+_Network = tuple[int, int, int]
+_Address = tuple[int, int]
 
 # Wire format of a shared-cache entry: a flat tuple of primitives (``_UNKNOWN_WIRE`` for "no such
 # key"). The version is part of the cache key, so a deploy that changes the tuple starts afresh.
@@ -76,7 +79,7 @@ class _Entry:
         refusal: KeyStateRefusal = "",
         expires_at: float | None = None,
         valid_until: float | None = None,
-        networks: tuple[IPNetwork, ...] = (),
+        networks: tuple[_Network, ...] = (),
     ) -> None:
         self.policy = policy
         self.refusal = refusal
@@ -96,7 +99,7 @@ def _entry_from_record(record: KeyRecord | None) -> _Entry:
         record.refusal,
         record.expires_at,
         record.valid_until,
-        tuple(ipaddress.ip_network(cidr, strict=False) for cidr in record.ip_allowlist),
+        tuple(_network(cidr) for cidr in record.ip_allowlist),
     )
 
 
@@ -148,19 +151,35 @@ def _record_from_wire(wire: tuple[Any, ...] | int) -> KeyRecord | None:
     )
 
 
-def _ip_allowed(networks: tuple[IPNetwork, ...], client_ip: str | None) -> bool:
+def _network(cidr: str) -> _Network:
+    network = ipaddress.ip_network(cidr, strict=False)
+    return network.version, int(network.network_address), int(network.netmask)
+
+
+def _client_address(client_ip: str) -> tuple[_Address, ...]:
+    """The client's address as (version, integer) pairs: an IPv4 client seen as ::ffff:a.b.c.d gives both forms.
+
+    ``inet_pton`` rather than ``ipaddress.ip_address``: several times faster, and this runs per request.
+    """
+    try:
+        if ":" in client_ip:
+            value = int.from_bytes(socket.inet_pton(socket.AF_INET6, client_ip.split("%", 1)[0]), "big")
+            if value >> 32 == 0xFFFF:  # IPv4-mapped, as a dual-stack socket reports IPv4 clients
+                return (4, value & 0xFFFFFFFF), (6, value)
+            return ((6, value),)
+        return ((4, int.from_bytes(socket.inet_pton(socket.AF_INET, client_ip), "big")),)
+    except (OSError, ValueError):
+        return ()
+
+
+def _ip_allowed(networks: tuple[_Network, ...], client_ip: str | None) -> bool:
     if not client_ip:
         return False
-    try:
-        address = ipaddress.ip_address(client_ip)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        # A dual-stack socket reports IPv4 clients as ::ffff:a.b.c.d; match them against IPv4 networks.
-        return any(address.ipv4_mapped in network for network in networks) or any(
-            address in network for network in networks
-        )
-    return any(address in network for network in networks)
+    for version, value in _client_address(client_ip):
+        for net_version, net_address, net_mask in networks:
+            if version == net_version and value & net_mask == net_address:
+                return True
+    return False
 
 
 class _EntryCache(SyncedLocalCache[_Entry]):

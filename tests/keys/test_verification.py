@@ -137,6 +137,10 @@ def test_refusals_come_from_the_cache_too(django_assert_num_queries):
         (["2001:db8::/32"], "2001:db9::5", False),
         (["2001:db8::/32", "10.0.0.0/8"], "10.20.30.40", True),
         (["10.0.0.0/8"], "::ffff:10.1.2.3", True),  # IPv4 client seen through a dual-stack socket
+        (["::ffff:10.0.0.0/104"], "::ffff:10.1.2.3", True),
+        (["fe80::/10"], "fe80::1%eth0", True),
+        (["0.0.0.0/0"], "203.0.113.5", True),
+        (["::/0"], "203.0.113.5", False),
         (["10.0.0.0/8"], "2001:db8::1", False),
         (["2001:db8::/32"], "10.1.2.3", False),
         (["10.0.0.0/8"], None, False),
