@@ -337,6 +337,12 @@ def test_bad_input_on_rotate_answers_400_with_a_field_error(api, user, payload):
     assert key.previous_digest is None
 
 
+def test_a_body_that_is_not_an_object_answers_400(api):
+    answer = api.post(URL, ["name", "k"], format="json")
+    assert answer.status_code == 400
+    assert "non_field_errors" in answer.json()["fields"]
+
+
 def test_several_bad_fields_are_reported_together(api):
     answer = api.post(URL, {"name": "k", "rpm_limit": -1, "colour": "red"}, format="json")
     assert set(answer.json()["fields"]) == {"rpm_limit", "colour"}
@@ -374,6 +380,7 @@ def test_schema_documents_the_keys_api(client):
     paths = schema["paths"]
     assert {"/api/keys/", "/api/keys/{id}/", "/api/keys/{id}/rotate/"} <= set(paths)
     assert "put" not in paths["/api/keys/{id}/"]
+    assert paths["/api/keys/"]["get"]["tags"] == ["keys"]
     components = schema["components"]["schemas"]
     rotate_body = paths["/api/keys/{id}/rotate/"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert "grace_seconds" in components[rotate_body["$ref"].rsplit("/", 1)[-1]]["properties"]
