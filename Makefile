@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements/*.txt | sha1sum | cut -c1-12)
 
-.PHONY: run serve test lint typecheck bench worker beat clean
+.PHONY: run serve test lint typecheck bench bench-micro worker beat clean
 
 $(STAMP): requirements/base.txt requirements/prod.txt requirements/dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,8 +53,13 @@ test: lint typecheck
 	APP_ENV=test $(BIN)/python manage.py makemigrations --check --dry-run
 	APP_ENV=test $(BIN)/pytest --cov --cov-report=term
 
+# Gateway vs direct-to-upstream on a throwaway stack (~2 min; see bench/README.md). Extra options: BENCH_ARGS="...".
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Timed micro-benchmarks of the hot path's pieces (make test runs them once, untimed).
+bench-micro: $(STAMP)
+	APP_ENV=test $(BIN)/pytest tests/bench -m bench --benchmark-enable --benchmark-columns=min,median,mean,ops,rounds
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .coverage staticfiles

@@ -1,0 +1,565 @@
+"""The project's proxy benchmark: what the gateway costs compared with calling the upstream directly.
+
+By default it builds a whole throwaway stack and measures it:
+
+1. a SQLite database under /tmp, migrated, with one upstream, one model and one
+   API key (``bench/stack_seed.py``, run with the same ``SECRET_KEY`` as the server);
+2. the fake upstream ``bench/mock_upstream.py`` and wrk, pinned to ``--load-cpus`` (CPU 1);
+3. the gateway (``apiforge.asgi:application``) under ``--server`` with ``--workers``
+   processes, pinned to ``--cpus`` (CPU 0 for one worker);
+4. wrk against the upstream (direct) and through the gateway (proxy), alternately
+   (A B A B ...) after a discarded warm-up, for non-streamed and streamed chat
+   completions (``--chunks`` content chunks plus ``stream_options.include_usage``),
+   at concurrency ``-c`` and, with ``--c1-duration``, at concurrency 1;
+5. a table (RPS, p50/p99, proxy/direct ratio, added latency, peak RSS of the
+   gateway's processes) and a ``RESULT`` line; then it stops what it started, by PID.
+
+``--against URL --api-key K --model M`` measures an already running gateway
+instead (add ``--upstream URL`` for the direct side and ``--rss-pid`` for memory).
+
+Only the standard library, ``wrk`` and ``taskset``; the servers come from the
+virtualenv of the python running this script (``--venv`` to pick another).
+Figures from a shared 2-core machine are noisy: compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+LUA = HERE / "wrk_post.lua"
+SECRET_KEY = "bench-only-secret-key-never-used-anywhere-else-0123456789abcdef"  # noqa: S105 - throwaway stack
+SERVERS = ("uvicorn", "granian", "gunicorn", "daphne")
+STREAM_CHECK_CHUNKS = 8
+STREAM_CHECK_DELAY_MS = 20
+
+
+def log(*parts: object) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+# --- processes we start (and stop, by PID) ----------------------------------------------------------
+@dataclass
+class Started:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM to the process group we created for it, then SIGKILL if it lingers."""
+        if not self.alive():
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+            self.popen.wait(5)
+        # Worker processes left behind by a master that died first share its process group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+
+def start(name: str, cmd: list[str], *, cpus: str, env: dict[str, str], logdir: Path) -> Started:
+    if cpus and shutil.which("taskset"):
+        cmd = ["taskset", "-c", cpus, *cmd]
+    log_path = logdir / f"{name}.log"
+    with log_path.open("wb") as out:
+        # A session of its own, so stop() can reach the workers a server forks without looking them up.
+        popen = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    log(f"started {name} (pid {popen.pid}, cpus {cpus or 'any'}): {' '.join(cmd)}")
+    return Started(name, popen, log_path)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(url: str, proc: Started | None, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and not proc.alive():
+            raise SystemExit(f"{proc.name} exited during startup:\n{proc.tail()}")
+        with contextlib.suppress(OSError, urllib.error.URLError):
+            with urllib.request.urlopen(url, timeout=2) as answer:  # noqa: S310 - our own local URL
+                if answer.status == 200:
+                    return
+        time.sleep(0.2)
+    raise SystemExit(f"{url} not ready within {timeout:.0f} s" + (f":\n{proc.tail()}" if proc else ""))
+
+
+# --- memory -----------------------------------------------------------------------------------------
+def _process_tree(roots: list[int]) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parent = int(stat[stat.rindex(")") + 2 :].split()[1])
+            children.setdefault(parent, []).append(int(entry))
+    found: list[int] = []
+    todo = list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.append(pid)
+            todo.extend(children.get(pid, []))
+    return found
+
+
+def _rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"
+
+
+@dataclass
+class RssSampler:
+    """VmRSS of some processes and their descendants, every ``interval`` seconds, in a thread."""
+
+    roots: list[int]
+    interval: float = 0.5
+    first: dict[int, float] = field(default_factory=dict)
+    peak: dict[int, float] = field(default_factory=dict)
+    last: dict[int, float] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def sample(self) -> None:
+        for pid in _process_tree(self.roots):
+            mib = _rss_mib(pid)
+            if mib is None:
+                continue
+            self.names.setdefault(pid, _cmdline(pid)[:80])
+            self.first.setdefault(pid, mib)
+            self.peak[pid] = max(self.peak.get(pid, 0.0), mib)
+            self.last[pid] = mib
+
+    def start(self) -> None:
+        self.sample()
+        self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.sample()
+
+    def lines(self) -> list[str]:
+        out = [f"{'pid':>8} {'start MiB':>10} {'peak MiB':>10} {'end MiB':>10}  command"]
+        for pid in sorted(self.peak):
+            out.append(
+                f"{pid:>8} {self.first[pid]:>10.1f} {self.peak[pid]:>10.1f} {self.last[pid]:>10.1f}  {self.names[pid]}"
+            )
+        out.append(f"{'total':>8} {'':>10} {self.total_peak():>10.1f}")
+        return out
+
+    def total_peak(self) -> float:
+        return sum(self.peak.values())
+
+
+# --- load ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    name: str
+    url: str  # the full .../chat/completions URL
+    api_key: str
+    model: str
+
+
+def chat_url(base: str) -> str:
+    base = base.rstrip("/")
+    return base if base.endswith("/chat/completions") else f"{base}/chat/completions"
+
+
+def chat_body(model: str, stream: bool, content: str = "Say hello") -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": content}]}
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def wrk(url: str, body_file: Path, api_key: str, concurrency: int, seconds: int, cpus: str) -> dict[str, float]:
+    cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "30s", "-s", str(LUA), url]
+    if cpus and shutil.which("taskset"):
+        cmd = ["taskset", "-c", cpus, *cmd]
+    env = {**os.environ, "BENCH_BODY_FILE": str(body_file), "BENCH_API_KEY": api_key}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 90, check=False)
+    for line in done.stdout.splitlines():
+        if line.startswith("BENCHWRK "):
+            return dict(json.loads(line[len("BENCHWRK ") :]))
+    raise SystemExit(f"wrk failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+
+
+def preflight(target: Target) -> float:
+    """One JSON request; the milliseconds it took. Exits with the answer when it is not a completion."""
+    data = json.dumps(chat_body(target.model, stream=False)).encode()
+    headers = {"content-type": "application/json"}
+    if target.api_key:
+        headers["authorization"] = f"Bearer {target.api_key}"
+    request = urllib.request.Request(target.url, data=data, headers=headers)  # noqa: S310 - local URL
+    started = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310
+            body = json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        raise SystemExit(f"pre-flight {target.url}: HTTP {error.code}: {error.read()[:300]!r}") from None
+    if "choices" not in body or "usage" not in body:
+        raise SystemExit(f"pre-flight {target.url}: unexpected answer {body!r:.300}")
+    return (time.perf_counter() - started) * 1000
+
+
+def stream_check(target: Target) -> str:
+    """Ask our mock for chunks spaced STREAM_CHECK_DELAY_MS apart: a buffering proxy delivers them at once."""
+    url = urllib.parse.urlsplit(target.url)
+    content = f"bench:chunk_delay_ms={STREAM_CHECK_DELAY_MS}"
+    body = json.dumps(chat_body(target.model, stream=True, content=content))
+    headers = {"content-type": "application/json"}
+    if target.api_key:
+        headers["authorization"] = f"Bearer {target.api_key}"
+    connection = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port or 80, timeout=30)
+    try:
+        started = time.perf_counter()
+        connection.request("POST", url.path, body=body, headers=headers)
+        answer = connection.getresponse()
+        arrivals: list[float] = []
+        raw = b""
+        while piece := answer.read1(65536):
+            raw += piece
+            if b'"content":"hello' in piece:
+                arrivals.append((time.perf_counter() - started) * 1000)
+    finally:
+        connection.close()
+    spread = arrivals[-1] - arrivals[0] if arrivals else 0.0
+    expected = (STREAM_CHECK_CHUNKS - 1) * STREAM_CHECK_DELAY_MS
+    verdict = "OK" if spread >= expected * 0.6 and raw.endswith(b"data: [DONE]\n\n") and b'"usage"' in raw else "FAIL"
+    first = f"{arrivals[0]:.1f}" if arrivals else "-"
+    return f"{verdict}: first content after {first} ms, content spread {spread:.0f} ms (sent over {expected} ms)"
+
+
+@dataclass
+class Series:
+    runs: list[dict[str, float]] = field(default_factory=list)
+
+    def median(self, key: str) -> float:
+        return statistics.median(run[key] for run in self.runs)
+
+    @property
+    def errors(self) -> int:
+        return int(sum(run["errors"] for run in self.runs))
+
+    @property
+    def rps_range(self) -> str:
+        values = [run["rps"] for run in self.runs]
+        return f"{min(values):.0f}..{max(values):.0f}"
+
+
+def measure(args: argparse.Namespace, targets: list[Target], sampler: RssSampler | None) -> dict[str, Series]:
+    """Warm-up, then alternating rounds, per pass (c, c=1) and mode; keyed "pass/mode/target"."""
+    bodies: dict[tuple[str, str], Path] = {}
+    for target in targets:
+        for mode in args.modes:
+            path = args.workdir / f"body_{target.name}_{mode}.json"
+            path.write_text(json.dumps(chat_body(target.model, stream=mode == "stream")))
+            bodies[target.name, mode] = path
+    passes = [(f"c{args.concurrency}", args.concurrency, args.duration)]
+    if args.c1_duration > 0:
+        passes.append(("c1", 1, args.c1_duration))
+    results: dict[str, Series] = {}
+    for stage, concurrency, seconds in passes:
+        for mode in args.modes:
+            for target in targets:
+                if args.warmup > 0:
+                    wrk(target.url, bodies[target.name, mode], target.api_key, concurrency, args.warmup, args.load_cpus)
+            for round_number in range(1, args.rounds + 1):
+                for target in targets:
+                    body = bodies[target.name, mode]
+                    run = wrk(target.url, body, target.api_key, concurrency, seconds, args.load_cpus)
+                    results.setdefault(f"{stage}/{mode}/{target.name}", Series()).runs.append(run)
+                    log(
+                        f"  {stage:<4} {mode:<9} round {round_number} {target.name:<6} rps={run['rps']:>9.1f} "
+                        f"p50={run['p50_ms']:>7.2f} ms p99={run['p99_ms']:>7.2f} ms errors={int(run['errors'])}"
+                    )
+    if sampler is not None:
+        sampler.sample()
+    return results
+
+
+def report(args: argparse.Namespace, results: dict[str, Series], sampler: RssSampler | None) -> dict[str, Any]:
+    header = (
+        f"{'pass':<5} {'mode':<9} {'direct RPS':>10} {'proxy RPS':>10} {'proxy min..max':>15} {'ratio':>6} "
+        f"{'direct p50/p99 ms':>18} {'proxy p50/p99 ms':>18} {'added p50/p99 ms':>18} {'errors':>6}"
+    )
+    lines = [header, "-" * len(header)]
+    result: dict[str, Any] = {"label": args.label, "server": args.server, "workers": args.workers}
+    result["c"] = args.concurrency
+    passes = dict.fromkeys(key.split("/")[0] for key in results)
+    for stage in passes:
+        for mode in args.modes:
+            proxy = results.get(f"{stage}/{mode}/proxy")
+            direct = results.get(f"{stage}/{mode}/direct")
+            if proxy is None:
+                continue
+            prefix = "" if stage != "c1" else "c1_"
+            result[f"{prefix}{mode}_rps"] = round(proxy.median("rps"), 1)
+            result[f"{prefix}{mode}_p50_ms"] = round(proxy.median("p50_ms"), 2)
+            result[f"{prefix}{mode}_errors"] = proxy.errors + (direct.errors if direct else 0)
+            proxy_lat = f"{proxy.median('p50_ms'):.2f} / {proxy.median('p99_ms'):.2f}"
+            if direct is not None:
+                ratio = proxy.median("rps") / direct.median("rps")
+                added50 = proxy.median("p50_ms") - direct.median("p50_ms")
+                added99 = proxy.median("p99_ms") - direct.median("p99_ms")
+                result[f"{prefix}{mode}_direct_rps"] = round(direct.median("rps"), 1)
+                result[f"{prefix}{mode}_ratio"] = round(ratio, 4)
+                result[f"{prefix}{mode}_added_p50_ms"] = round(added50, 2)
+                direct_cols = (
+                    f"{direct.median('rps'):>10.1f}",
+                    f"{ratio:>6.3f}",
+                    f"{direct.median('p50_ms'):.2f} / {direct.median('p99_ms'):.2f}",
+                    f"{added50:+.2f} / {added99:+.2f}",
+                )
+            else:
+                direct_cols = (f"{'-':>10}", f"{'-':>6}", "-", "-")
+            lines.append(
+                f"{stage:<5} {mode:<9} {direct_cols[0]} {proxy.median('rps'):>10.1f} {proxy.rps_range:>15} "
+                f"{direct_cols[1]} {direct_cols[2]:>18} {proxy_lat:>18} {direct_cols[3]:>18} "
+                f"{result[f'{prefix}{mode}_errors']:>6}"
+            )
+    print("\n".join(lines))
+    if sampler is not None:
+        print("\nRSS of the gateway's processes (sampled every 0.5 s):")
+        print("\n".join(sampler.lines()))
+        result["rss_total_peak_mib"] = round(sampler.total_peak(), 1)
+        result["rss_procs"] = len(sampler.peak)
+    print("RESULT " + " ".join(f"{key}={value}" for key, value in result.items()))
+    return result
+
+
+# --- the stack ------------------------------------------------------------------------------------------
+def stack_env(args: argparse.Namespace, database: Path) -> dict[str, str]:
+    """The gateway's environment: production settings on a throwaway database, nothing inherited that matters."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("DATABASE_", "REDIS_", "CELERY_"))}
+    env.update(
+        APP_ENV="production",
+        SECRET_KEY=SECRET_KEY,
+        ALLOWED_HOSTS="*",
+        SECURE_SSL_REDIRECT="false",
+        DATABASE_URL=f"sqlite:///{database}",
+        CACHE_KEY_PREFIX=f"apiforge-bench-{os.getpid()}",
+        LOG_LEVEL="WARNING",
+        PYTHONDONTWRITEBYTECODE="1",
+    )
+    if args.redis_url:
+        env["REDIS_URL"] = args.redis_url
+    return env
+
+
+def server_command(args: argparse.Namespace, port: int) -> list[str]:
+    bin_dir = args.venv / "bin"
+    app = "apiforge.asgi:application"
+    host = "127.0.0.1"
+    if args.server == "uvicorn":
+        return [
+            str(bin_dir / "uvicorn"), app, "--host", host, "--port", str(port), "--workers", str(args.workers),
+            "--loop", "uvloop", "--http", "httptools", "--lifespan", "on", "--no-access-log", "--log-level", "warning",
+        ]  # fmt: skip
+    if args.server == "granian":
+        return [
+            str(bin_dir / "granian"), "--interface", "asgi", "--host", host, "--port", str(port),
+            "--workers", str(args.workers), "--loop", "uvloop", "--log-level", "warning", app,
+        ]  # fmt: skip
+    if args.server == "gunicorn":
+        return [
+            str(bin_dir / "gunicorn"), app, "-k", "uvicorn.workers.UvicornWorker", "-w", str(args.workers),
+            "-b", f"{host}:{port}", "--log-level", "warning",
+        ]  # fmt: skip
+    if args.workers != 1:
+        raise SystemExit("daphne serves from one process: use --workers 1")
+    return [str(bin_dir / "daphne"), "-b", host, "-p", str(port), "-v", "0", app]
+
+
+def run_own_stack(args: argparse.Namespace) -> int:
+    started: list[Started] = []
+    try:
+        mock_port, gateway_port = args.upstream_port or free_port(), args.port or free_port()
+        upstream_base = f"http://127.0.0.1:{mock_port}/v1"
+        python = str(args.venv / "bin" / "python")
+        mock_cmd = [python, str(HERE / "mock_upstream.py"), "--port", str(mock_port), "--chunks", str(args.chunks)]
+        mock = start("mock_upstream", mock_cmd, cpus=args.load_cpus, env=dict(os.environ), logdir=args.workdir)
+        started.append(mock)
+        env = stack_env(args, args.workdir / "bench.sqlite3")
+        log("migrating a throwaway database and creating an upstream, a model and a key ...")
+        seeded = subprocess.run(
+            [python, str(HERE / "stack_seed.py"), "--upstream-url", upstream_base],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        if seeded.returncode != 0:
+            raise SystemExit(f"stack_seed.py failed:\n{seeded.stdout}\n{seeded.stderr}")
+        seed = json.loads(seeded.stdout.strip().splitlines()[-1])
+        gateway = start("gateway", server_command(args, gateway_port), cpus=args.cpus, env=env, logdir=args.workdir)
+        started.append(gateway)
+        wait_ready(f"http://127.0.0.1:{mock_port}/health", mock)
+        wait_ready(f"http://127.0.0.1:{gateway_port}/health", gateway)
+        time.sleep(1.0 if args.workers == 1 else 3.0)  # let every worker finish booting
+        targets = [
+            Target("direct", chat_url(upstream_base), "", seed["upstream_model"]),
+            Target("proxy", chat_url(f"http://127.0.0.1:{gateway_port}/v1"), seed["api_key"], seed["model"]),
+        ]
+        return bench(args, targets, [gateway.pid], stream_checks=True)
+    finally:
+        for proc in reversed(started):
+            proc.stop()
+            log(f"stopped {proc.name} (pid {proc.pid})")
+
+
+def bench(args: argparse.Namespace, targets: list[Target], rss_pids: list[int], *, stream_checks: bool) -> int:
+    for target in targets:
+        cold, warm = preflight(target), preflight(target)
+        log(f"pre-flight {target.name:<6} {target.url}: ok (first {cold:.1f} ms, then {warm:.1f} ms)")
+    if stream_checks and "stream" in args.modes:
+        for target in targets:
+            log(f"stream check {target.name:<6} {stream_check(target)}")
+    sampler = RssSampler(rss_pids) if rss_pids else None
+    if sampler is not None:
+        sampler.start()
+    log(
+        f"== {args.label}: server={args.server} workers={args.workers} cpus={args.cpus} load_cpus={args.load_cpus} "
+        f"c={args.concurrency} d={args.duration}s rounds={args.rounds} warmup={args.warmup}s c1={args.c1_duration}s "
+        f"({time.strftime('%Y-%m-%d %H:%M:%S %Z')})"
+    )
+    try:
+        results = measure(args, targets, sampler)
+    finally:
+        if sampler is not None:
+            sampler.stop()
+    result = report(args, results, sampler)
+    if args.json_out:
+        raw = {key: series.runs for key, series in results.items()}
+        Path(args.json_out).write_text(json.dumps({"result": result, "raw": raw}, indent=1))
+    errors = sum(series.errors for series in results.values())
+    return 1 if errors else 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    stack = parser.add_argument_group("the throwaway stack (default)")
+    stack.add_argument("--server", choices=SERVERS, default="uvicorn")
+    stack.add_argument("--workers", type=int, default=1)
+    stack.add_argument("--cpus", default=None, help="CPUs for the gateway (default: 0 for one worker, else all)")
+    stack.add_argument("--chunks", type=int, default=8, help="content chunks per streamed answer")
+    stack.add_argument("--port", type=int, default=0, help="gateway port (default: a free one)")
+    stack.add_argument("--upstream-port", type=int, default=0, help="mock upstream port (default: a free one)")
+    stack.add_argument("--redis-url", default="", help="give the gateway Redis (default: the embedded setup)")
+    stack.add_argument("--venv", type=Path, default=Path(sys.prefix), help="virtualenv with the servers")
+    stack.add_argument("--keep", action="store_true", help="keep the work directory (logs, database)")
+    running = parser.add_argument_group("an already running stack")
+    running.add_argument("--against", default="", help="gateway base URL, e.g. http://127.0.0.1:8000/v1")
+    running.add_argument("--api-key", default="")
+    running.add_argument("--model", default="")
+    running.add_argument("--upstream", default="", help="upstream base URL for the direct side (optional)")
+    running.add_argument("--upstream-model", default="", help="model name for direct calls (default --model)")
+    running.add_argument("--rss-pid", type=int, action="append", default=[], help="gateway PID (repeatable)")
+    load = parser.add_argument_group("load")
+    load.add_argument("-c", "--concurrency", type=int, default=32)
+    load.add_argument("-d", "--duration", type=int, default=5, help="seconds per measured wrk run")
+    load.add_argument("--rounds", type=int, default=2, help="A/B rounds per pass and mode")
+    load.add_argument("--warmup", type=int, default=2, help="discarded seconds per target, pass and mode")
+    load.add_argument("--c1-duration", type=int, default=3, help="seconds per run of the c=1 pass (0: skip it)")
+    load.add_argument("--modes", default="nonstream,stream")
+    load.add_argument("--load-cpus", default="1", help="CPUs for wrk and the mock upstream ('' = no pinning)")
+    load.add_argument("--label", default="apiforge")
+    load.add_argument("--json-out", default="", help="write the result and every raw run here")
+    args = parser.parse_args(argv)
+    args.modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    if args.cpus is None:
+        args.cpus = "0" if args.workers == 1 else ""
+    if args.against and not (args.api_key and args.model):
+        parser.error("--against needs --api-key and --model")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is not installed (apt-get install wrk)")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops what we started
+    args.workdir = Path(tempfile.mkdtemp(prefix="apiforge-bench-"))
+    try:
+        if args.against:
+            targets = []
+            if args.upstream:
+                targets.append(Target("direct", chat_url(args.upstream), "", args.upstream_model or args.model))
+            targets.append(Target("proxy", chat_url(args.against), args.api_key, args.model))
+            return bench(args, targets, args.rss_pid, stream_checks=False)
+        return run_own_stack(args)
+    finally:
+        if args.keep:
+            log(f"work directory kept: {args.workdir}")
+        else:
+            shutil.rmtree(args.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
