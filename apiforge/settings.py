@@ -74,8 +74,6 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "apiforge.request_id.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
-    # Serves the admin's and the API docs' static files from STATIC_ROOT in production (no nginx needed).
-    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -83,6 +81,11 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
+
+if IS_PRODUCTION:
+    # Serves the admin's and the API docs' static files from STATIC_ROOT (no separate web server needed);
+    # in development apiforge/urls.py serves them from the apps.
+    MIDDLEWARE.insert(2, "whitenoise.middleware.WhiteNoiseMiddleware")
 
 ROOT_URLCONF = "apiforge.urls"
 AUTH_USER_MODEL = "accounts.User"

@@ -79,8 +79,12 @@ def _log_sink(batch: list[UsageRecord]) -> None:
 
 
 def _touch_keys_sink(batch: list[UsageRecord]) -> None:
+    """Keys' ``last_used_at``: noted per record, written at most once a minute per key."""
     from keys.services import key_usage_flush
+    from keys.verification import key_usage_touch
 
+    for key_id in {record.key_id for record in batch if record.key_id is not None}:
+        key_usage_touch(key_id)
     key_usage_flush()
 
 

@@ -55,6 +55,8 @@ def test_chat_completion_is_forwarded_with_the_upstream_model_and_credential(set
     assert record.user_id == setup.key.owner_id
     assert (record.model, record.upstream, record.upstream_model) == ("gpt-test", "fake", "fake-model-1")
     assert record.latency_ms > 0
+    setup.key.refresh_from_db()
+    assert setup.key.last_used_at is not None, "the usage hand-off notes when the key was last used"
 
 
 def test_streamed_chat_relays_every_chunk_and_records_usage_without_showing_it_unasked(setup, fake_upstream, usage):
