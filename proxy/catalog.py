@@ -64,8 +64,8 @@ class ModelRoute:
 
     def pick(self, exclude: frozenset[int] = frozenset()) -> DeploymentTarget | None:
         """A deployment by weighted random choice, avoiding the excluded upstream ids when possible."""
-        if len(self.deployments) == 1:
-            return self.deployments[0]
+        if len(self.deployments) <= 1:
+            return self.deployments[0] if self.deployments else None
         pool = [d for d in self.deployments if d.upstream.id not in exclude] or list(self.deployments)
         weights = [d.weight for d in pool]
         if sum(weights) <= 0:

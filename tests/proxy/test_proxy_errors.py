@@ -212,3 +212,15 @@ def test_streamed_answer_is_the_same_through_both_paths(via, demo):
     )
     assert text == "echo: a b c d"
     assert not any(b'"usage"' in e for e in events), "usage chunk only when asked for"
+
+
+@pytest.mark.expect_error_log  # Django's request logger reports 5xx answers on the Django path
+def test_model_without_an_active_deployment_is_503(via, demo):
+    from proxy.models import Deployment
+
+    Deployment.objects.filter(model__name="demo").update(is_active=False)
+    from proxy.catalog import catalog_invalidate
+
+    catalog_invalidate()
+    answer = via.request("POST", "/v1/chat/completions", body=CHAT, headers=bearer(demo))
+    assert_openai_error(answer, 503, "no_healthy_upstream")
