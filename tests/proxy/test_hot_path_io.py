@@ -1,0 +1,261 @@
+"""The proxy hot path's I/O in steady state, counted for real around N proxied requests.
+
+Once a key and the model catalog are in the process's memory, a proxied request
+must cost no database query in any thread of the process (no lazy loads, no
+per-request writes); the only statements allowed meanwhile are the usage
+hand-off's batched ``last_used_at`` writes, off the request path and bounded per
+flush, not per request. Nor may it cost a Redis command beyond the
+cache-generation checks that keep every worker's memory coherent: one GET per
+cache namespace per ``CACHE_SYNC_INTERVAL_S``, however many requests arrive.
+
+How it is counted, without mocking anything:
+
+- SQL: ``CursorWrapper._execute_with_wrappers`` (the one door every Django query
+  goes through, on every connection of every thread) is wrapped to note the
+  thread and the SQL before running the query as usual; ``connection_created``
+  catches new connections too.
+- Redis: a real ``MONITOR`` connection, read in a thread between two sentinel
+  commands, keeps the commands whose arguments carry this run's
+  ``CACHE_KEY_PREFIX`` (every key the gateway, its caches and its channel layer
+  use).
+
+A feature that really needs a Redis round trip per request (a rate limiter,
+later) belongs in ``_ALLOWED_PER_REQUEST`` with its reason, so the bound stays explicit.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+from django.conf import settings
+from django.db.backends.signals import connection_created
+from django.db.backends.utils import CursorWrapper
+
+from gateway_stats.usage import emitter
+from tests.proxy.fake_upstream import FakeUpstream
+from tests.proxy.helpers import key_make, model_make, upstream_make
+
+N_REQUESTS = 200
+WARM_UP_REQUESTS = 5
+MESSAGES = [{"role": "user", "content": "count my queries"}]
+# Namespaces of the in-process caches a proxied request reads: verified keys and the model catalog (the
+# unknown-keys cache is consulted only on a miss of the first, which a valid key never has in steady state).
+_SYNCED_NAMESPACES = ("keys", "proxy-catalog")
+# Redis commands a feature needs per proxied request, by name: none yet.
+_ALLOWED_PER_REQUEST: dict[str, int] = {}
+MONITOR_TIMEOUT_S = 20.0
+# The one thread allowed to touch the database while requests flow: the usage hand-off, which writes keys'
+# last_used_at in batches (keys.services.key_usage_flush). It runs one UPDATE per used key per flush (a
+# no-op when the stored value is less than a minute old); lower the bound here if it learns to skip those.
+_USAGE_EMITTER_THREAD = "usage-emitter"
+_LAST_USED_UPDATE = 'UPDATE "keys_apikey" SET "last_used_at"'
+
+
+@pytest.fixture
+def gateway(live_gateway, fake_upstream):
+    upstream = upstream_make(base_url=fake_upstream.base_url, timeout_s=10, max_retries=0)
+    model_make("gpt-io", upstream, upstream_model="fake-io")
+    key = key_make()
+    client = httpx.Client(
+        base_url=live_gateway.url("/v1"), headers={"Authorization": f"Bearer {key.secret}"}, timeout=10
+    )
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _call(client: httpx.Client, *, stream: bool) -> None:
+    body = {"model": "gpt-io", "messages": MESSAGES, "stream": stream}
+    if not stream:
+        answer = client.post("/chat/completions", json=body)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] == FakeUpstream.expected_content(MESSAGES)
+        return
+    with client.stream("POST", "/chat/completions", json=body) as answer:
+        raw = answer.read()
+    assert answer.status_code == 200, raw
+    assert raw.endswith(b"data: [DONE]\n\n")
+
+
+def _steady_state(client: httpx.Client, *, stream: bool) -> None:
+    """Warm every cache on the path (key, catalog, upstream connection pool), then let batched work settle."""
+    for _ in range(WARM_UP_REQUESTS):
+        _call(client, stream=stream)
+        _call(client, stream=not stream)
+    # The usage emitter flushes once a second: let it hand off the warm-up's records before counting.
+    time.sleep(1.2)
+
+
+# --- SQL, every thread ------------------------------------------------------------------------------
+@dataclass
+class QueryLog:
+    queries: list[tuple[str, str]] = field(default_factory=list)
+    connections: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def describe(self) -> str:
+        lines = [f"  [{thread}] {sql[:200]}" for thread, sql in self.queries[:20]]
+        lines += [f"  [{thread}] new database connection" for thread in self.connections[:20]]
+        return "\n".join(lines)
+
+
+@contextmanager
+def queries_in_every_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[QueryLog]:
+    log = QueryLog()
+    real = CursorWrapper._execute_with_wrappers
+
+    def counted(self, sql, params, many, executor):  # type: ignore[no-untyped-def]
+        with log.lock:
+            log.queries.append((threading.current_thread().name, str(sql)))
+        return real(self, sql, params, many, executor)
+
+    def connected(sender, connection, **kwargs):  # type: ignore[no-untyped-def]
+        with log.lock:
+            log.connections.append(threading.current_thread().name)
+
+    monkeypatch.setattr(CursorWrapper, "_execute_with_wrappers", counted)
+    connection_created.connect(connected, weak=False, dispatch_uid="test_hot_path_io")
+    try:
+        yield log
+    finally:
+        connection_created.disconnect(dispatch_uid="test_hot_path_io")
+        monkeypatch.setattr(CursorWrapper, "_execute_with_wrappers", real)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_steady_state_proxied_requests_run_no_database_query_in_any_thread(gateway, monkeypatch, stream):
+    _steady_state(gateway, stream=stream)
+
+    with queries_in_every_thread(monkeypatch) as log:
+        started = time.monotonic()
+        for _ in range(N_REQUESTS):
+            _call(gateway, stream=stream)
+        time.sleep(1.2)  # one more usage-emitter flush, so batched work done for these requests is counted too
+        elapsed = time.monotonic() - started
+
+    off_path = [(thread, sql) for thread, sql in log.queries if thread == _USAGE_EMITTER_THREAD]
+    on_path = [(thread, sql) for thread, sql in log.queries if thread != _USAGE_EMITTER_THREAD]
+    assert (len(on_path), len(log.connections)) == (0, 0), (
+        f"{len(on_path)} SQL queries and {len(log.connections)} new connections during {N_REQUESTS} "
+        f"requests in steady state:\n{log.describe()}"
+    )
+    # Off the request path, the usage emitter's batched flush may write keys' last_used_at: never more than
+    # one statement per key per flush (once a second), whatever the number of requests.
+    flushes = math.ceil(elapsed / emitter.flush_interval) + 1
+    assert all(_LAST_USED_UPDATE in sql for _, sql in off_path), log.describe()
+    assert len(off_path) <= flushes, f"{len(off_path)} statements in {flushes} flushes:\n{log.describe()}"
+
+
+def test_query_counter_sees_queries_made_in_other_threads(monkeypatch, transactional_db):
+    """The instrument itself: a query in another thread is counted (else a zero above would prove nothing)."""
+    from django.db import connection
+
+    def query():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        connection.close()
+
+    with queries_in_every_thread(monkeypatch) as log:
+        worker = threading.Thread(target=query, name="elsewhere")
+        worker.start()
+        worker.join(10)
+    assert ("elsewhere", "SELECT 1") in log.queries
+
+
+# --- Redis, this process's keys ---------------------------------------------------------------------
+class RedisMonitor:
+    """Commands seen by a real MONITOR connection between a start and a stop sentinel, read in a thread."""
+
+    def __init__(self, url: str) -> None:
+        import redis
+
+        self._client = redis.Redis.from_url(url, socket_timeout=MONITOR_TIMEOUT_S)
+        self._token = uuid.uuid4().hex
+        self.commands: list[str] = []
+        self.error: BaseException | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="redis-monitor", daemon=True)
+
+    def _sentinel(self, what: str) -> str:
+        return f"hot-path-io-probe:{self._token}:{what}"
+
+    def _read(self) -> None:
+        try:
+            with self._client.monitor() as monitor:
+                recording = False
+                while True:
+                    command = monitor.next_command()["command"]
+                    if self._sentinel("start") in command:
+                        recording = True
+                        self._ready.set()
+                    elif self._sentinel("stop") in command:
+                        return
+                    elif recording:
+                        self.commands.append(command)
+        except BaseException as exc:  # reported by stop()
+            self.error = exc
+            self._ready.set()
+
+    def __enter__(self) -> RedisMonitor:
+        self._thread.start()
+        # MONITOR only shows commands sent after it started: repeat the start sentinel until it is seen.
+        deadline = time.monotonic() + MONITOR_TIMEOUT_S
+        while not self._ready.wait(0.05):
+            assert time.monotonic() < deadline, "the MONITOR connection never saw the start sentinel"
+            self._client.get(self._sentinel("start"))
+        assert self.error is None, f"MONITOR failed: {self.error!r}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.get(self._sentinel("stop"))
+        self._thread.join(MONITOR_TIMEOUT_S)
+        self._client.close()
+        assert not self._thread.is_alive(), "the MONITOR reader did not see the stop sentinel in time"
+        assert self.error is None, f"MONITOR failed: {self.error!r}"
+
+
+@pytest.mark.redis
+@pytest.mark.skipif(not settings.REDIS_URL, reason="REDIS_URL is unset: the embedded cache makes no round trips")
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_steady_state_proxied_requests_send_redis_only_the_cache_generation_checks(gateway, stream):
+    _steady_state(gateway, stream=stream)
+
+    with RedisMonitor(settings.REDIS_URL) as monitor:
+        started = time.monotonic()
+        for _ in range(N_REQUESTS):
+            _call(gateway, stream=stream)
+        elapsed = time.monotonic() - started
+
+    ours = [command for command in monitor.commands if settings.CACHE_KEY_PREFIX in command]
+    generation_checks = [c for c in ours if c.split(" ", 1)[0].upper() == "GET" and ":gen:" in c]
+    others = [c for c in ours if c not in generation_checks]
+    allowed_others = sum(_ALLOWED_PER_REQUEST.values()) * N_REQUESTS
+    assert len(others) <= allowed_others, (
+        f"{len(others)} Redis commands beyond the generation checks during {N_REQUESTS} requests: {others[:20]}"
+    )
+    # One GET per namespace per sync interval (plus one at each edge of the window), independent of N.
+    bound = len(_SYNCED_NAMESPACES) * (math.ceil(elapsed / settings.CACHE_SYNC_INTERVAL_S) + 2)
+    assert len(generation_checks) <= bound, (
+        f"{len(generation_checks)} generation checks in {elapsed:.2f} s (bound {bound}): {generation_checks[:20]}"
+    )
+    assert len(ours) < N_REQUESTS / 4, "Redis traffic grows with the number of requests"
+
+
+@pytest.mark.redis
+@pytest.mark.skipif(not settings.REDIS_URL, reason="REDIS_URL is unset: no Redis to monitor")
+def test_redis_monitor_sees_commands_on_this_runs_keys():
+    """The instrument itself: a cache read through Django is seen, with this run's prefix."""
+    from django.core.cache import cache
+
+    with RedisMonitor(settings.REDIS_URL) as monitor:
+        cache.get("hot-path-io-self-test")
+    assert [c for c in monitor.commands if settings.CACHE_KEY_PREFIX in c and "hot-path-io-self-test" in c]
