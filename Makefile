@@ -24,7 +24,7 @@ venv: $(STAMP)
 run: $(STAMP)
 	APP_ENV=$${APP_ENV:-development} $(BIN)/python manage.py migrate --noinput
 	APP_ENV=$${APP_ENV:-development} $(BIN)/python manage.py bootstrap_dev
-	APP_ENV=$${APP_ENV:-development} $(BIN)/python manage.py bootstrap_demo
+	PORT=$(PORT) APP_ENV=$${APP_ENV:-development} $(BIN)/python manage.py bootstrap_demo
 	APP_ENV=$${APP_ENV:-development} $(BIN)/uvicorn apiforge.asgi:application --host $(HOST) --port $(PORT) \
 		--loop uvloop --http httptools --lifespan on
 

@@ -9,6 +9,7 @@ unless ``--force``.
 
 from __future__ import annotations
 
+import os
 from decimal import Decimal
 from typing import Any
 
@@ -64,5 +65,6 @@ class Command(BaseCommand):
                 f"For a new one: manage.py create_api_key --user {username} --name another-key"
             )
             return
-        self.stderr.write("Demo API key (for OpenAI(base_url='http://127.0.0.1:8000/v1', api_key=...)):")
+        base_url = f"http://127.0.0.1:{os.environ.get('PORT') or '8000'}/v1"
+        self.stderr.write(f"Demo API key (for OpenAI(base_url={base_url!r}, api_key=...)):")
         call_command("create_api_key", user=username, name=DEMO_KEY_NAME, models=[DEMO_MODEL], stdout=self.stdout)
