@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from django.db import close_old_connections
+
 logger = logging.getLogger("gateway_stats.usage")
 
 _THOUSAND = Decimal(1000)
@@ -119,6 +121,8 @@ class UsageEmitter:
             self._wake.wait(self.flush_interval)
             self._wake.clear()
             self.flush()
+            # This thread is not a request: release its database connection as CONN_MAX_AGE says.
+            close_old_connections()
 
     def flush(self) -> int:
         """Hand everything queued so far to the sinks; returns how many records went out."""

@@ -59,3 +59,19 @@ def _delete_prefixed_keys() -> None:
     conn = get_redis_connection("default")
     for key in conn.scan_iter(match=f"{settings.CACHE_KEY_PREFIX}*", count=1000):
         conn.delete(key)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_other_threads_connections(django_db_setup, django_db_blocker) -> Iterator[None]:
+    """Live servers and background threads hold their own connections: end them before the test
+    database is dropped, so PostgreSQL lets it go and the run leaves nothing behind."""
+    yield
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return
+    with django_db_blocker.unblock(), connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
