@@ -286,6 +286,15 @@ def key_cache_invalidate_for_owner(*, owner_id: int) -> None:
         _invalidate_on_commit(digests)
 
 
+# Key id -> the last use this process wrote as last_used_at (epoch seconds).
+_usage_written: dict[int, float] = {}
+
+
+def key_usage_forget() -> None:
+    """Forget this process's record of written uses (tests; a fresh process starts empty)."""
+    _usage_written.clear()
+
+
 def key_usage_flush() -> int:
     """Write the uses noted by ``key_usage_touch`` as ``last_used_at``; returns the number of rows written.
 
@@ -297,14 +306,20 @@ def key_usage_flush() -> int:
     pending = key_usage_drain()
     written = 0
     remaining = dict(pending)
+    resolution = LAST_USED_RESOLUTION.total_seconds()
     try:
         for key_id, used_epoch in pending.items():
+            if used_epoch - _usage_written.get(key_id, float("-inf")) < resolution:
+                # This process wrote it less than a minute ago: skip the statement altogether.
+                del remaining[key_id]
+                continue
             used_at = datetime.fromtimestamp(used_epoch, tz=UTC)
             written += (
                 ApiKey.objects.filter(pk=key_id)
                 .filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=used_at - LAST_USED_RESOLUTION))
                 .update(last_used_at=used_at)
             )
+            _usage_written[key_id] = used_epoch
             del remaining[key_id]
     except BaseException:
         key_usage_restore(remaining)

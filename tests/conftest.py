@@ -10,6 +10,7 @@ from django.conf import settings
 from django.core.cache import cache
 
 from apiforge.local_cache import local_caches_clear
+from keys.services import key_usage_forget
 
 
 class _ErrorCollector(logging.Handler):
@@ -51,6 +52,7 @@ def _clear_cache() -> Iterator[None]:
     else:
         cache.clear()
     local_caches_clear()
+    key_usage_forget()
 
 
 def _delete_prefixed_keys() -> None:
