@@ -348,7 +348,8 @@ def report(args: argparse.Namespace, results: dict[str, Series], sampler: RssSam
         f"{'direct p50/p99 ms':>18} {'proxy p50/p99 ms':>18} {'added p50/p99 ms':>18} {'errors':>6}"
     )
     lines = [header, "-" * len(header)]
-    result: dict[str, Any] = {"label": args.label, "server": args.server, "workers": args.workers}
+    server = "external" if args.against else args.server
+    result: dict[str, Any] = {"label": args.label, "server": server, "workers": 0 if args.against else args.workers}
     result["c"] = args.concurrency
     passes = dict.fromkeys(key.split("/")[0] for key in results)
     for stage in passes:
@@ -484,8 +485,9 @@ def bench(args: argparse.Namespace, targets: list[Target], rss_pids: list[int], 
     sampler = RssSampler(rss_pids) if rss_pids else None
     if sampler is not None:
         sampler.start()
+    where = f"against {args.against}" if args.against else f"{args.server} x{args.workers} on cpus {args.cpus or 'all'}"
     log(
-        f"== {args.label}: server={args.server} workers={args.workers} cpus={args.cpus} load_cpus={args.load_cpus} "
+        f"== {args.label}: {where} load_cpus={args.load_cpus} "
         f"c={args.concurrency} d={args.duration}s rounds={args.rounds} warmup={args.warmup}s c1={args.c1_duration}s "
         f"({time.strftime('%Y-%m-%d %H:%M:%S %Z')})"
     )
