@@ -87,7 +87,11 @@ def _touch_keys_sink(batch: list[UsageRecord]) -> None:
 
     for key_id in {record.key_id for record in batch if record.key_id is not None}:
         key_usage_touch(key_id)
-    key_usage_flush()
+    try:
+        key_usage_flush()
+    except Exception:
+        # The uses are kept for the next flush; a late last_used_at is not worth an alarm.
+        logger.warning("last_used_at not written this time; will retry", exc_info=True)
 
 
 class UsageEmitter:

@@ -26,6 +26,7 @@ from keys.verification import KeyPolicy, KeyRefused, key_verify_async
 from proxy.catalog import Catalog, DeploymentTarget, ModelRoute, catalog_get_async
 from proxy.errors import ProxyError, bad_request, not_found, upstream_error, upstream_timeout
 from proxy.mock_backend import mock_answer, mock_stream
+from proxy.upstream_client import upstream_session
 
 JSON = b"application/json"
 SSE = b"text/event-stream"
@@ -265,8 +266,6 @@ async def _call_json(
         answer = mock_answer(endpoint, payload, deployment.upstream_model)
         _record_usage(record, answer.get("usage"))
         return ProxyResponse(200, orjson.dumps(answer))
-    from proxy.upstream_client import upstream_session
-
     data = _upstream_body(payload, deployment)
     try:
         async with upstream_session().post(
@@ -311,8 +310,6 @@ async def _open_stream(
     if upstream.kind == "mock":
         relay = _relay(mock_stream(endpoint, payload, deployment.upstream_model), record, started, client_wants_usage)
         return ProxyResponse(200, content_type=SSE, stream=relay)
-    from proxy.upstream_client import upstream_session
-
     data = _upstream_body(payload, deployment)
     try:
         response = await upstream_session().post(
@@ -368,22 +365,31 @@ async def _upstream_pieces(response: aiohttp.ClientResponse, upstream: str) -> A
 
 
 def _usage_in(events: bytes, record: UsageRecord, keep_usage_chunk: bool) -> bytes:
-    """Note the usage carried by complete SSE ``events``; drop the usage-only chunk unless the client asked."""
-    kept: list[bytes] = []
-    for event in events.split(b"\n\n"):
-        if not event:
-            continue
-        if b'"usage"' in event and event.startswith(b"data: {"):
-            try:
-                chunk = orjson.loads(event[6:])
-            except orjson.JSONDecodeError:
-                chunk = None
-            if isinstance(chunk, dict) and chunk.get("usage"):
-                _record_usage(record, chunk["usage"])
-                if not keep_usage_chunk and not chunk.get("choices"):
-                    continue
-        kept.append(event + b"\n\n")
-    return b"".join(kept)
+    """Note the usage carried by complete SSE ``events``; drop the usage-only chunk unless the client asked.
+
+    Only the last event naming ``"usage"`` is parsed: upstreams that send ``"usage": null`` on every chunk
+    (or running totals) put the figure that counts last, and parsing one event instead of all is what keeps
+    a stream's relay cheap.
+    """
+    at = events.rfind(b'"usage"')
+    if at < 0:
+        return events
+    start = events.rfind(b"\n\n", 0, at)
+    start = 0 if start < 0 else start + 2
+    end = events.find(b"\n\n", at)
+    end = len(events) if end < 0 else end + 2
+    event = events[start:end].rstrip(b"\n")
+    if not event.startswith(b"data: {"):
+        return events
+    try:
+        chunk = orjson.loads(event[6:])
+    except orjson.JSONDecodeError:
+        return events
+    if isinstance(chunk, dict) and chunk.get("usage"):
+        _record_usage(record, chunk["usage"])
+        if not keep_usage_chunk and not chunk.get("choices"):
+            return events[:start] + events[end:]
+    return events
 
 
 async def _relay(

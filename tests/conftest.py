@@ -10,6 +10,7 @@ from django.conf import settings
 from django.core.cache import cache
 
 from apiforge.local_cache import local_caches_clear
+from gateway_stats.usage import emitter
 from keys.services import key_usage_forget
 
 
@@ -47,6 +48,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def _clear_cache() -> Iterator[None]:
     """Each test starts with an empty cache (only this run's prefixed keys are touched)."""
     yield
+    emitter.flush()  # this test's usage records are handled now, not by the background thread in another test
     if settings.REDIS_URL:
         _delete_prefixed_keys()
     else:
