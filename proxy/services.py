@@ -101,6 +101,28 @@ class DeploymentSpec:
     is_active: bool = True
 
 
+def _audit(
+    *,
+    kind: str,
+    verb: str,
+    object_id: int,
+    object_repr: str,
+    changes: dict[str, Any],
+    actor: AbstractBaseUser | None,
+    ip_address: str | None,
+) -> None:
+    """One audit event for a write on an upstream or a model (``kind``); ``changes`` never hold secrets."""
+    audit_record(
+        actor=actor,
+        action=f"{kind}.{verb}",
+        object_type=f"proxy.{kind}",
+        object_id=object_id,
+        object_repr=object_repr,
+        changes=changes,
+        ip_address=ip_address,
+    )
+
+
 # --- Upstreams ---------------------------------------------------------------
 
 
@@ -202,13 +224,13 @@ def upstream_create(
     upstream.save()
     changes = _upstream_snapshot(upstream)
     changes["api_key"] = "set" if upstream.has_api_key else "unset"
-    audit_record(
-        actor=actor,
-        action="upstream.create",
-        object_type="proxy.upstream",
+    _audit(
+        kind="upstream",
+        verb="create",
         object_id=upstream.pk,
         object_repr=str(upstream),
         changes=_json_safe(changes),
+        actor=actor,
         ip_address=ip_address,
     )
     return upstream
@@ -250,13 +272,13 @@ def upstream_update(
     if not changes:
         return locked
     locked.save()
-    audit_record(
-        actor=actor,
-        action="upstream.update",
-        object_type="proxy.upstream",
+    _audit(
+        kind="upstream",
+        verb="update",
         object_id=locked.pk,
         object_repr=str(locked),
         changes=_json_safe(changes),
+        actor=actor,
         ip_address=ip_address,
     )
     return locked
@@ -277,13 +299,13 @@ def upstream_delete(
     except ProtectedError as exc:  # a deployment appeared between the check and the delete
         names = sorted({str(obj.model.name) for obj in exc.protected_objects if isinstance(obj, Deployment)})
         raise UpstreamInUse(upstream_name=name, model_names=names) from exc
-    audit_record(
-        actor=actor,
-        action="upstream.delete",
-        object_type="proxy.upstream",
+    _audit(
+        kind="upstream",
+        verb="delete",
         object_id=pk,
         object_repr=name,
         changes={"name": name},
+        actor=actor,
         ip_address=ip_address,
     )
 
@@ -409,13 +431,13 @@ def model_create(
     model.save()
     changes = _model_snapshot(model)
     changes["deployments"] = _deployments_replace(model=model, deployments=deployments)
-    audit_record(
-        actor=actor,
-        action="model.create",
-        object_type="proxy.model",
+    _audit(
+        kind="model",
+        verb="create",
         object_id=model.pk,
         object_repr=str(model),
         changes=_json_safe(changes),
+        actor=actor,
         ip_address=ip_address,
     )
     return model
@@ -457,13 +479,13 @@ def model_update(
             changes["fallback_renamed_in"] = renamed_in
     if not changes:
         return locked
-    audit_record(
-        actor=actor,
-        action="model.update",
-        object_type="proxy.model",
+    _audit(
+        kind="model",
+        verb="update",
         object_id=locked.pk,
         object_repr=str(locked),
         changes=_json_safe(changes),
+        actor=actor,
         ip_address=ip_address,
     )
     return locked
@@ -480,13 +502,13 @@ def model_delete(*, model: Model, actor: AbstractBaseUser | None = None, ip_addr
     changes: dict[str, Any] = {"name": name, "deployments": deployments}
     if removed_from:
         changes["fallback_removed_from"] = removed_from
-    audit_record(
-        actor=actor,
-        action="model.delete",
-        object_type="proxy.model",
+    _audit(
+        kind="model",
+        verb="delete",
         object_id=pk,
         object_repr=name,
         changes=_json_safe(changes),
+        actor=actor,
         ip_address=ip_address,
     )
 
