@@ -1,5 +1,20 @@
-"""WebSocket routes (Channels). The live traffic feed joins here in its issue."""
+"""WebSocket routes (Channels). The live traffic feed (`/ws/events/`) joins here in its issue.
+
+Until then every WebSocket path is refused cleanly (close code 4404) instead of Channels raising
+"No route found", which a server logs as an error with a traceback.
+"""
 
 from typing import Any
 
-websocket_urlpatterns: list[Any] = []
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.urls import re_path
+
+
+class NoRouteConsumer(AsyncWebsocketConsumer):
+    """Refuses a WebSocket that no route serves."""
+
+    async def connect(self) -> None:
+        await self.close(code=4404)
+
+
+websocket_urlpatterns: list[Any] = [re_path(r"", NoRouteConsumer.as_asgi())]
