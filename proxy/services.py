@@ -102,23 +102,21 @@ class DeploymentSpec:
 
 
 def _audit(
-    *,
-    kind: str,
-    verb: str,
+    action: str,
     object_id: int,
     object_repr: str,
     changes: dict[str, Any],
     actor: AbstractBaseUser | None,
     ip_address: str | None,
 ) -> None:
-    """One audit event for a write on an upstream or a model (``kind``); ``changes`` never hold secrets."""
+    """One audit event for a write on an upstream or a model; ``changes`` never hold secrets."""
     audit_record(
         actor=actor,
-        action=f"{kind}.{verb}",
-        object_type=f"proxy.{kind}",
+        action=action,
+        object_type=f"proxy.{action.split('.', 1)[0]}",
         object_id=object_id,
         object_repr=object_repr,
-        changes=changes,
+        changes=_json_safe(changes),
         ip_address=ip_address,
     )
 
@@ -224,15 +222,7 @@ def upstream_create(
     upstream.save()
     changes = _upstream_snapshot(upstream)
     changes["api_key"] = "set" if upstream.has_api_key else "unset"
-    _audit(
-        kind="upstream",
-        verb="create",
-        object_id=upstream.pk,
-        object_repr=str(upstream),
-        changes=_json_safe(changes),
-        actor=actor,
-        ip_address=ip_address,
-    )
+    _audit("upstream.create", upstream.pk, str(upstream), changes, actor, ip_address)
     return upstream
 
 
@@ -272,15 +262,7 @@ def upstream_update(
     if not changes:
         return locked
     locked.save()
-    _audit(
-        kind="upstream",
-        verb="update",
-        object_id=locked.pk,
-        object_repr=str(locked),
-        changes=_json_safe(changes),
-        actor=actor,
-        ip_address=ip_address,
-    )
+    _audit("upstream.update", locked.pk, str(locked), changes, actor, ip_address)
     return locked
 
 
@@ -299,15 +281,7 @@ def upstream_delete(
     except ProtectedError as exc:  # a deployment appeared between the check and the delete
         names = sorted({str(obj.model.name) for obj in exc.protected_objects if isinstance(obj, Deployment)})
         raise UpstreamInUse(upstream_name=name, model_names=names) from exc
-    _audit(
-        kind="upstream",
-        verb="delete",
-        object_id=pk,
-        object_repr=name,
-        changes={"name": name},
-        actor=actor,
-        ip_address=ip_address,
-    )
+    _audit("upstream.delete", pk, name, {"name": name}, actor, ip_address)
 
 
 # --- Models ------------------------------------------------------------------
@@ -431,15 +405,7 @@ def model_create(
     model.save()
     changes = _model_snapshot(model)
     changes["deployments"] = _deployments_replace(model=model, deployments=deployments)
-    _audit(
-        kind="model",
-        verb="create",
-        object_id=model.pk,
-        object_repr=str(model),
-        changes=_json_safe(changes),
-        actor=actor,
-        ip_address=ip_address,
-    )
+    _audit("model.create", model.pk, str(model), changes, actor, ip_address)
     return model
 
 
@@ -479,15 +445,7 @@ def model_update(
             changes["fallback_renamed_in"] = renamed_in
     if not changes:
         return locked
-    _audit(
-        kind="model",
-        verb="update",
-        object_id=locked.pk,
-        object_repr=str(locked),
-        changes=_json_safe(changes),
-        actor=actor,
-        ip_address=ip_address,
-    )
+    _audit("model.update", locked.pk, str(locked), changes, actor, ip_address)
     return locked
 
 
@@ -502,15 +460,7 @@ def model_delete(*, model: Model, actor: AbstractBaseUser | None = None, ip_addr
     changes: dict[str, Any] = {"name": name, "deployments": deployments}
     if removed_from:
         changes["fallback_removed_from"] = removed_from
-    _audit(
-        kind="model",
-        verb="delete",
-        object_id=pk,
-        object_repr=name,
-        changes=_json_safe(changes),
-        actor=actor,
-        ip_address=ip_address,
-    )
+    _audit("model.delete", pk, name, changes, actor, ip_address)
 
 
 def _json_safe(value: Any) -> Any:
