@@ -26,6 +26,8 @@ from gateway_stats.services import audit_record
 from proxy.models import Deployment, Model, Upstream
 from proxy.selectors import model_list_for_admin
 from proxy.services import (
+    MODEL_FIELDS,
+    UPSTREAM_FIELDS,
     UpstreamFields,
     extra_headers_masked,
     extra_headers_merge,
@@ -38,21 +40,6 @@ from proxy.services import (
     upstream_update,
     upstream_validate,
 )
-
-_UPSTREAM_FORM_FIELDS = (
-    "name",
-    "kind",
-    "base_url",
-    "timeout_s",
-    "max_retries",
-    "extra_headers",
-    "is_active",
-    "breaker_failure_threshold",
-    "breaker_cooldown_s",
-)
-
-
-_MODEL_FORM_FIELDS = ("name", "is_active", "fallbacks", "input_price_per_1k", "output_price_per_1k")
 
 
 def _actor(request: HttpRequest) -> AbstractBaseUser | None:
@@ -93,7 +80,7 @@ class UpstreamAdminForm(forms.ModelForm):
 
     class Meta:
         model = Upstream
-        fields = list(_UPSTREAM_FORM_FIELDS)
+        fields = list(UPSTREAM_FIELDS)
         field_classes = {"base_url": _HttpsUrlField}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -115,7 +102,7 @@ class UpstreamAdminForm(forms.ModelForm):
         if cleaned.get("api_key") and cleaned.get("clear_api_key"):
             self.add_error("clear_api_key", "Either type a new key or clear it, not both.")
         # The service's rules, on a copy (the form fills in self.instance only after clean()).
-        candidate = construct_instance(self, copy.copy(self.instance), fields=list(_UPSTREAM_FORM_FIELDS))
+        candidate = construct_instance(self, copy.copy(self.instance), fields=list(UPSTREAM_FIELDS))
         try:
             upstream_validate(upstream=candidate, model_checks=False)
         except ValidationError as exc:
@@ -124,7 +111,7 @@ class UpstreamAdminForm(forms.ModelForm):
 
     def upstream_fields(self, *, changed_only: bool) -> UpstreamFields:
         """What the service should write, from the cleaned form."""
-        names = [f for f in _UPSTREAM_FORM_FIELDS if not changed_only or f in self.changed_data]
+        names = [f for f in UPSTREAM_FIELDS if not changed_only or f in self.changed_data]
         data: dict[str, Any] = {name: self.cleaned_data[name] for name in names}
         if self.cleaned_data.get("api_key"):
             data["api_key"] = self.cleaned_data["api_key"]
@@ -202,11 +189,11 @@ class DeploymentInline(admin.TabularInline):
 class ModelAdminForm(forms.ModelForm):
     class Meta:
         model = Model
-        fields = list(_MODEL_FORM_FIELDS)
+        fields = list(MODEL_FIELDS)
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or {}
-        candidate = construct_instance(self, copy.copy(self.instance), fields=list(_MODEL_FORM_FIELDS))
+        candidate = construct_instance(self, copy.copy(self.instance), fields=list(MODEL_FIELDS))
         try:
             model_validate(model=candidate, model_checks=False)
         except ValidationError as exc:
@@ -233,7 +220,7 @@ class ModelAdmin(admin.ModelAdmin):
     def save_model(self, request: HttpRequest, obj: Model, form: forms.ModelForm, change: bool) -> None:
         # The model row goes through the services (validation, fallback renames, audit);
         # the inline deployments are saved by the admin's formsets right after, in the same transaction.
-        fields = [name for name in _MODEL_FORM_FIELDS if not change or name in form.changed_data]
+        fields = [name for name in MODEL_FIELDS if not change or name in form.changed_data]
         data: dict[str, Any] = {name: form.cleaned_data[name] for name in fields}
         if change:
             saved = model_update(

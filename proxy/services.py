@@ -54,7 +54,8 @@ FORBIDDEN_EXTRA_HEADERS = frozenset(
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _FORBIDDEN_VALUE_CHARS = ("\r", "\n", "\x00")
 
-_UPSTREAM_FIELDS = (
+# Writable fields (the admin's forms use the same lists).
+UPSTREAM_FIELDS = (
     "name",
     "kind",
     "base_url",
@@ -65,7 +66,7 @@ _UPSTREAM_FIELDS = (
     "breaker_failure_threshold",
     "breaker_cooldown_s",
 )
-_MODEL_FIELDS = ("name", "is_active", "fallbacks", "input_price_per_1k", "output_price_per_1k")
+MODEL_FIELDS = ("name", "is_active", "fallbacks", "input_price_per_1k", "output_price_per_1k")
 
 
 class UpstreamFields(TypedDict, total=False):
@@ -205,7 +206,7 @@ def upstream_validate(*, upstream: Upstream, model_checks: bool = True) -> None:
 
 
 def _upstream_snapshot(upstream: Upstream) -> dict[str, Any]:
-    snapshot = {field: getattr(upstream, field) for field in _UPSTREAM_FIELDS}
+    snapshot = {field: getattr(upstream, field) for field in UPSTREAM_FIELDS}
     snapshot["extra_headers"] = extra_headers_masked(upstream.extra_headers or {})
     return snapshot
 
@@ -215,7 +216,7 @@ def upstream_create(
     *, data: UpstreamFields, actor: AbstractBaseUser | None = None, ip_address: str | None = None
 ) -> Upstream:
     """Create an upstream; its API key (if any) is stored encrypted."""
-    fields = {key: value for key, value in data.items() if key in _UPSTREAM_FIELDS}
+    fields = {key: value for key, value in data.items() if key in UPSTREAM_FIELDS}
     upstream = Upstream(**fields)
     upstream.api_key = data.get("api_key", "")
     upstream_validate(upstream=upstream)
@@ -235,7 +236,7 @@ def upstream_update(
     before = _upstream_snapshot(locked)
     headers_before = dict(locked.extra_headers or {})
     had_key = locked.has_api_key
-    for field in _UPSTREAM_FIELDS:
+    for field in UPSTREAM_FIELDS:
         if field not in data:
             continue
         value: Any = data[field]  # type: ignore[literal-required]
@@ -387,7 +388,7 @@ def _fallbacks_rewrite(*, old_name: str, new_name: str | None, exclude_pk: int) 
 
 
 def _model_snapshot(model: Model) -> dict[str, Any]:
-    return {field: getattr(model, field) for field in _MODEL_FIELDS}
+    return {field: getattr(model, field) for field in MODEL_FIELDS}
 
 
 @transaction.atomic
@@ -400,7 +401,7 @@ def model_create(
 ) -> Model:
     """Create a public model with its deployments."""
     _deployments_validate(deployments)
-    model = Model(**{key: value for key, value in data.items() if key in _MODEL_FIELDS})
+    model = Model(**{key: value for key, value in data.items() if key in MODEL_FIELDS})
     model_validate(model=model)
     model.save()
     changes = _model_snapshot(model)
@@ -427,7 +428,7 @@ def model_update(
     locked = Model.objects.select_for_update().get(pk=model.pk)
     before = _model_snapshot(locked)
     before_deployments = _deployments_snapshot(locked) if deployments is not None else []
-    for field in _MODEL_FIELDS:
+    for field in MODEL_FIELDS:
         if field in data:
             setattr(locked, field, data[field])  # type: ignore[literal-required]
     model_validate(model=locked)
