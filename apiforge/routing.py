@@ -13,6 +13,8 @@ from django.urls import re_path
 class NoRouteConsumer(AsyncWebsocketConsumer):
     """Refuses a WebSocket that no route serves."""
 
+    channel_layer_alias = None  # it never listens: no channel-layer subscription to set up and tear down
+
     async def connect(self) -> None:
         await self.close(code=4404)
 

@@ -14,3 +14,4 @@ async def test_unrouted_websocket_is_closed_with_4404():
     connected, code = await communicator.connect(timeout=5)
     assert connected is False
     assert code == 4404
+    await communicator.wait()
