@@ -1,8 +1,12 @@
 """One JSON error shape for the management API and Django's own error pages.
 
 Every error answer is ``{"detail": <message>, "code": <code>}``, plus ``"fields"``
-(field name -> list of messages) for validation errors. The proxy has its own,
-OpenAI-shaped errors in ``proxy/errors.py``.
+for validation errors: a flat object, field path -> list of messages, where the
+path of a nested value is dotted (``deployments.0.upstream``, ``metadata.note``).
+The proxy has its own, OpenAI-shaped errors in ``proxy/errors.py``.
+
+A body over ``DATA_UPLOAD_MAX_MEMORY_SIZE`` answers 413 ``request_too_large``;
+Django's other ``SuspiciousOperation``s answer 400 ``bad_request``.
 
 This is the one place where errors become HTTP answers for the management API:
 DRF's exceptions, Django's ``Http404``/``PermissionDenied``/``ValidationError``
@@ -15,7 +19,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from django.core.exceptions import NON_FIELD_ERRORS, PermissionDenied
+from django.core.exceptions import NON_FIELD_ERRORS, PermissionDenied, RequestDataTooBig, SuspiciousOperation
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404, HttpRequest, JsonResponse
 from rest_framework import exceptions, serializers, status
@@ -59,17 +63,40 @@ class ErrorResponseSerializer(serializers.Serializer):
         fields["fields"] = serializers.DictField(
             child=serializers.ListField(child=serializers.CharField()),
             required=False,
-            help_text="Validation errors only: field name -> messages.",
+            help_text="Validation errors only: field path -> messages. Nested values have dotted paths "
+            "(`deployments.0.upstream`); errors about the whole body are under `non_field_errors`.",
         )
         return fields
 
 
-def _flatten(detail: Any) -> Any:
-    if isinstance(detail, dict):
-        return {str(k): _flatten(v) for k, v in detail.items()}
-    if isinstance(detail, list):
-        return [_flatten(v) for v in detail]
-    return str(detail)
+class RequestTooLarge(exceptions.APIException):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_detail = "The request body is too large."
+    default_code = "request_too_large"
+
+
+def _flatten(detail: Any) -> dict[str, list[str]]:
+    """DRF's nested error detail as ``{dotted path: [messages]}`` (iteratively: detail mirrors the input's depth).
+
+    A nested serializer's own ``non_field_errors`` are reported on its path.
+    """
+    fields: dict[str, list[str]] = {}
+    stack: list[tuple[Any, tuple[str, ...]]] = [(detail, ())]
+    while stack:
+        value, parts = stack.pop()
+        if isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                name = str(key)
+                nested = (*parts, name) if not (parts and name == api_settings.NON_FIELD_ERRORS_KEY) else parts
+                stack.append((item, nested))
+        elif isinstance(value, list) and any(isinstance(item, dict | list) for item in value):
+            # A list of nested errors (many=True, ListField of objects): one entry per item, valid ones empty.
+            stack.extend((item, (*parts, str(index))) for index, item in reversed(list(enumerate(value))))
+        else:
+            messages = value if isinstance(value, list) else [value]
+            path = ".".join(parts) or api_settings.NON_FIELD_ERRORS_KEY
+            fields.setdefault(path, []).extend(str(message) for message in messages)
+    return fields
 
 
 def _django_validation_fields(exc: DjangoValidationError) -> dict[str, list[str]]:
@@ -90,6 +117,11 @@ def _as_api_exception(exc: Exception) -> Exception:
         return exceptions.PermissionDenied()
     if isinstance(exc, DjangoValidationError):
         return exceptions.ValidationError(detail=_django_validation_fields(exc))
+    if isinstance(exc, RequestDataTooBig):
+        return RequestTooLarge()
+    if isinstance(exc, SuspiciousOperation):
+        logger.warning("suspicious request refused: %s", exc)
+        return exceptions.ParseError(detail="Bad request.", code="bad_request")
     if isinstance(exc, DomainError):
         api_exc = exceptions.APIException(detail=exc.detail, code=exc.code)
         api_exc.status_code = exc.status_code
@@ -125,8 +157,7 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
             status=status.HTTP_500_INTERNAL_SERVER_ERROR,
         )
     if isinstance(exc, exceptions.ValidationError):
-        detail = exc.detail
-        fields = _flatten(detail) if isinstance(detail, dict) else {api_settings.NON_FIELD_ERRORS_KEY: _flatten(detail)}
+        fields = _flatten(exc.detail)
         non_field = fields.get(api_settings.NON_FIELD_ERRORS_KEY)
         message = non_field[0] if isinstance(non_field, list) and non_field else "Invalid input."
         response.data = {"detail": message, "code": "invalid", "fields": fields}
@@ -142,6 +173,9 @@ def json_error(status_code: int, message: str, code: str) -> JsonResponse:
 
 
 def handler400(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+    # Django answers its SuspiciousOperations (RequestDataTooBig among them) through this handler.
+    if isinstance(exception, RequestDataTooBig):
+        return json_error(413, RequestTooLarge.default_detail, RequestTooLarge.default_code)
     return json_error(400, "Bad request.", "bad_request")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -198,3 +199,97 @@ def test_a_session_authenticated_api_write_without_csrf_token_is_a_json_403() ->
         "detail": "CSRF Failed: CSRF cookie not set.",
         "code": "permission_denied",
     }
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("path", ["/auth/login", "/auth/register", "/auth/refresh"])
+def test_deeply_nested_json_is_a_400_parse_error_not_a_500(client: Client, path: str) -> None:
+    response = client.post(path, DEEP, content_type="application/json")
+
+    assert response.status_code == 400
+    body = _json(response)
+    assert body["code"] == "parse_error"
+    assert "nesting" in body["detail"]
+
+
+def test_deeply_nested_json_to_an_authenticated_endpoint_is_a_400() -> None:
+    api = APIClient()
+    api.force_authenticate(UserFactory())
+
+    response = api.post("/api/keys/", DEEP, content_type="application/json")
+
+    assert response.status_code == 400
+    assert _json(response)["code"] == "parse_error"
+
+
+def test_json_nested_past_the_limit_is_refused_even_when_python_could_parse_it(client: Client) -> None:
+    body = '{"username": ' + "[" * 40 + "]" * 40 + ', "password": "x"}'
+
+    response = client.post("/auth/login", body, content_type="application/json")
+
+    assert response.status_code == 400
+    assert _json(response)["code"] == "parse_error"
+
+
+def test_a_body_over_the_upload_limit_is_a_json_413_on_the_api(client: Client) -> None:
+    body = json.dumps({"username": "a" * (20 * 1024 * 1024), "password": "x"})
+
+    response = client.post("/auth/login", body, content_type="application/json")
+
+    assert response.status_code == 413
+    assert _json(response) == {"detail": "The request body is too large.", "code": "request_too_large"}
+
+
+@pytest.mark.expect_error_log  # django.security.RequestDataTooBig logs at ERROR
+def test_a_body_over_the_upload_limit_is_a_json_413_outside_drf_too(client: Client) -> None:
+    body = "username=" + "x" * (3 * 1024 * 1024)
+    response = client.post("/admin/login/", body, content_type="application/x-www-form-urlencoded")
+
+    assert response.status_code == 413
+    assert _json(response)["code"] == "request_too_large"
+
+
+@pytest.mark.parametrize(
+    ("metadata", "field", "message"),
+    [
+        ({"note": "a\u0000b"}, "metadata.note", "Null characters are not allowed."),
+        ({"no\u0000te": "ab"}, "metadata", "Null characters are not allowed."),
+        ({"note": ["ok", "\ud800"]}, "metadata.note.1", "Unpaired surrogate characters are not allowed."),
+    ],
+)
+def test_nul_and_lone_surrogates_anywhere_in_a_json_body_are_field_errors(
+    metadata: dict[str, Any], field: str, message: str
+) -> None:
+    api = APIClient()
+    api.force_authenticate(UserFactory())
+
+    response = api.post("/api/keys/", json.dumps({"name": "k", "metadata": metadata}), content_type="application/json")
+
+    assert response.status_code == 400
+    assert _json(response) == {"detail": "Invalid input.", "code": "invalid", "fields": {field: [message]}}
+
+
+def test_a_lone_surrogate_in_a_deployment_upstream_names_the_nested_field() -> None:
+    api = APIClient()
+    api.force_authenticate(UserFactory(superuser=True))
+    body = {"name": "m", "deployments": [{"upstream": "up\ud800", "upstream_model": "x"}]}
+
+    response = api.post("/api/models/", json.dumps(body), content_type="application/json")
+
+    assert response.status_code == 400
+    assert _json(response)["fields"] == {"deployments.0.upstream": ["Unpaired surrogate characters are not allowed."]}
+
+
+def test_nested_validation_errors_are_flattened_to_dotted_paths() -> None:
+    api = APIClient()
+    api.force_authenticate(UserFactory(superuser=True))
+    body = {"name": "m", "deployments": [{"upstream": "nowhere", "upstream_model": "x"}]}
+
+    response = api.post("/api/models/", body, format="json")
+
+    assert response.status_code == 400
+    fields = _json(response)["fields"]
+    assert list(fields) == ["deployments.0.upstream"]
+    assert all(isinstance(message, str) for message in fields["deployments.0.upstream"])
