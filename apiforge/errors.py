@@ -17,15 +17,18 @@ in each app's ``exceptions.py``).
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from django.core.exceptions import NON_FIELD_ERRORS, PermissionDenied, RequestDataTooBig, SuspiciousOperation
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.http import Http404, HttpRequest, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from rest_framework import exceptions, serializers, status
 from rest_framework.response import Response
 from rest_framework.settings import api_settings
 from rest_framework.views import exception_handler, set_rollback
+
+from apiforge.unavailable import RETRY_AFTER_S, unavailable_answer, unavailable_log, unavailable_response
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +150,19 @@ def _message_and_code(exc: exceptions.APIException) -> tuple[str, str]:
 
 def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     """DRF exception handler: the project's error shape for every API error."""
+    unavailable = unavailable_answer(exc)
+    if unavailable is not None:
+        # The database or the shared cache is down or saturated: the client's to retry, not a bug.
+        request = context.get("request")
+        unavailable_log(getattr(request, "path", "?"), exc, unavailable[1])
+        set_rollback()
+        response = Response(
+            {"detail": unavailable[0], "code": unavailable[1]},
+            status=status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+        response._has_been_logged = True  # type: ignore[attr-defined]  # logged above, as a warning
+        return response
     exc = _as_api_exception(exc)
     response = exception_handler(exc, context)
     if response is None or not isinstance(exc, exceptions.APIException):
@@ -187,7 +203,11 @@ def handler404(request: HttpRequest, exception: Exception | None = None) -> Json
     return json_error(404, "Not found.", "not_found")
 
 
-def handler500(request: HttpRequest) -> JsonResponse:
+def handler500(request: HttpRequest) -> HttpResponse:
+    # Reached for errors outside any view (e.g. a middleware saving the session while the database is down).
+    exc = sys.exception()
+    if exc is not None and (response := unavailable_response(request, exc)) is not None:
+        return response
     return json_error(500, "Internal server error.", "server_error")
 
 

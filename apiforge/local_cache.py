@@ -9,6 +9,16 @@ once per ``CACHE_SYNC_INTERVAL_S`` (default 0.5 s) and drops its entries when it
 changed. So a change is seen everywhere within that interval plus one request,
 and the steady state costs one small Redis GET per interval per process, not
 per request.
+
+A write must never be acknowledged while its invalidation is lost (a key revoked
+through an instance that cannot reach Redis would keep working elsewhere until
+the shared entries expire). Writers therefore call ``invalidate_on_commit()``
+inside their transaction: it bumps the generation at once, so a shared cache that
+cannot be reached fails the write (``CacheUnavailable``, answered 503) before
+anything is committed, and bumps it again after the commit, so an entry another
+process re-read in between is dropped too. Should the second bump fail (the cache
+died within the transaction), the error still reaches the caller, who is told the
+change was saved but not yet published.
 """
 
 from __future__ import annotations
@@ -17,14 +27,35 @@ import logging
 import threading
 import time
 import weakref
+from collections.abc import Callable
+from functools import partial
 from typing import Generic, TypeVar
 
 from django.conf import settings
 from django.core.cache import cache
+from django.db import transaction
 
 logger = logging.getLogger(__name__)
 
 V = TypeVar("V")
+
+
+class CacheUnavailable(Exception):
+    """The shared cache could not be told about a write; ``committed`` says whether the write was saved."""
+
+    def __init__(self, namespace: str, *, committed: bool) -> None:
+        self.namespace = namespace
+        self.committed = committed
+        if committed:
+            message = (
+                "The change was saved, but other workers could not be told about it because the shared cache "
+                "is unreachable; they may use the previous state until their cached copies expire. Retry the "
+                "request once the cache is back."
+            )
+        else:
+            message = "The change was not saved: the shared cache that tells other workers about it is unreachable."
+        super().__init__(message)
+
 
 _instances: weakref.WeakSet[SyncedLocalCache[object]] = weakref.WeakSet()
 
@@ -95,21 +126,49 @@ class SyncedLocalCache(Generic[V]):
                 self._entries.clear()
         self._entries[key] = (time.monotonic() + (self.ttl if ttl is None else ttl), value)
 
-    def invalidate(self) -> None:
-        """Drop every entry here now, and on every other process within the sync interval."""
+    def _bump(self) -> int:
         try:
-            try:
-                generation = cache.incr(self.generation_key)
-            except ValueError:
-                cache.add(self.generation_key, 1, timeout=None)
-                generation = cache.incr(self.generation_key)
-        except Exception:
-            logger.warning("cache generation bump failed for %s", self.namespace, exc_info=True)
-            generation = None
+            return int(cache.incr(self.generation_key))
+        except ValueError:
+            cache.add(self.generation_key, 1, timeout=None)
+            return int(cache.incr(self.generation_key))
+
+    def invalidate(self, *, strict: bool = False) -> None:
+        """Drop every entry here now, and on every other process within the sync interval.
+
+        With ``strict``, a shared cache that cannot be reached raises ``CacheUnavailable`` (after the local
+        entries are dropped) instead of being logged and ignored.
+        """
+        failure: Exception | None = None
+        try:
+            generation: int | None = self._bump()
+        except Exception as exc:
+            if not strict:
+                logger.warning("cache generation bump failed for %s", self.namespace, exc_info=True)
+            generation, failure = None, exc
         with self._lock:
             self._entries.clear()
             self._generation = generation
             self._checked_at = time.monotonic()
+        if strict and failure is not None:
+            raise CacheUnavailable(self.namespace, committed=False) from failure
+
+    def invalidate_on_commit(self, after_commit: Callable[[], None] | None = None) -> None:
+        """For writers inside a transaction: publish now (or fail the write), and again once committed.
+
+        ``after_commit`` replaces the plain post-commit bump (e.g. to also delete shared entries); it must end
+        with ``invalidate(strict=True)``.
+        """
+        self.invalidate(strict=True)
+
+        def publish() -> None:
+            try:
+                (after_commit or partial(self.invalidate, strict=True))()
+            except CacheUnavailable as exc:
+                logger.warning("invalidation of %s after commit failed: cache unreachable", self.namespace)
+                raise CacheUnavailable(self.namespace, committed=True) from exc
+
+        transaction.on_commit(publish)
 
     def clear_local(self) -> None:
         """Forget everything in this process only (tests, shutdown)."""

@@ -73,6 +73,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "apiforge.request_id.RequestIdMiddleware",
+    # Database/cache outages raised by non-DRF views (the admin) answer 503, not 500; DRF views: apiforge.errors.
+    "apiforge.unavailable.ServiceUnavailableMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -118,6 +120,17 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         {"transaction_mode": "IMMEDIATE", "timeout": 20, "init_command": "PRAGMA journal_mode=WAL;"}
     )
 DATABASES["default"]["ATOMIC_REQUESTS"] = False  # Django refuses async views with it on.
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env.bool("DB_POOL", default=True):
+    # A bounded pool per process (psycopg_pool): concurrent requests share DB_POOL_MAX_SIZE connections instead
+    # of opening one each until PostgreSQL runs out ("too many clients"); a request that waits longer than
+    # DB_POOL_TIMEOUT_S for one answers 503 with Retry-After (apiforge/unavailable.py). Pooling replaces
+    # persistent connections, so CONN_MAX_AGE must be 0 with it.
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": env.int("DB_POOL_MIN_SIZE", default=1),
+        "max_size": env.int("DB_POOL_MAX_SIZE", default=10),
+        "timeout": env.float("DB_POOL_TIMEOUT_S", default=5.0),
+    }
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
 DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("CONN_MAX_AGE", default=0))
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -22,7 +22,7 @@ from django.utils import timezone
 from gateway_stats.services import audit_record
 from keys.hashing import key_digest, key_secret_generate, key_secret_prefix
 from keys.models import ApiKey
-from keys.verification import key_cache_invalidate, key_usage_drain, key_usage_restore
+from keys.verification import key_cache_invalidate_on_commit, key_usage_drain, key_usage_restore
 
 if TYPE_CHECKING:
     from accounts.models import User
@@ -80,8 +80,8 @@ def _audit(*, key: ApiKey, action: str, actor: User | None, ip_address: str | No
 
 
 def _invalidate_on_commit(digests: Iterable[str | None]) -> None:
-    kept = tuple(digest for digest in digests if digest)
-    transaction.on_commit(lambda: key_cache_invalidate(kept))
+    # Raises CacheUnavailable (503, nothing saved) when the other workers cannot be told about this write.
+    key_cache_invalidate_on_commit(digests)
 
 
 def _digests(key: ApiKey) -> tuple[str | None, str | None]:

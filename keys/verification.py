@@ -8,8 +8,9 @@ expiry, IP networks, the end of a rotation grace period) is in the cached entry,
 so refusals come from memory too; expiry is compared per request, so a key never
 outlives its ``expires_at`` because of caching.
 
-Coherence: every write to a key calls ``key_cache_invalidate`` after commit. That
-deletes the shared entries and bumps the namespace generation, so every process
+Coherence: every write to a key calls ``key_cache_invalidate_on_commit`` in its
+transaction: the write fails (503) when the shared cache cannot be told, and after
+the commit the shared entries are deleted and the namespace generation bumped, so every process
 drops its memory within ``CACHE_SYNC_INTERVAL_S``. Shared entries are stored under
 the generation the reader saw before it read the database, so a reader racing a
 write can never park a stale entry where later readers would find it.
@@ -50,6 +51,7 @@ __all__ = [
     "KeyVerifier",
     "RefusalReason",
     "key_cache_invalidate",
+    "key_cache_invalidate_on_commit",
     "key_usage_drain",
     "key_usage_touch",
     "key_verify",
@@ -301,8 +303,11 @@ class KeyVerifier:
             future.exception()  # retrieved here, so an error seen by no waiter is not reported as lost
 
     # --- invalidation ----------------------------------------------------------------------------
-    def invalidate(self, digests: Iterable[str]) -> None:
-        """Forget these digests in the shared cache and everything in every process's memory."""
+    def invalidate(self, digests: Iterable[str], *, strict: bool = False) -> None:
+        """Forget these digests in the shared cache and everything in every process's memory.
+
+        With ``strict``, an unreachable shared cache raises ``CacheUnavailable`` (see ``invalidate_on_commit``).
+        """
         generation = self._known.generation
         shared_keys = [self._shared_key(digest, generation) for digest in digests if digest]
         if shared_keys:
@@ -310,7 +315,13 @@ class KeyVerifier:
                 cache.delete_many(shared_keys)
             except Exception:
                 logger.warning("shared key cache unavailable; entries left to the generation bump", exc_info=True)
-        self._known.invalidate()
+        self._known.invalidate(strict=strict)
+
+    def invalidate_on_commit(self, digests: Iterable[str | None]) -> None:
+        """For key writes, inside their transaction: fail the write now if the invalidation cannot be
+        published (``CacheUnavailable``), and publish it again once the write is committed."""
+        kept = tuple(digest for digest in digests if digest)
+        self._known.invalidate_on_commit(partial(self.invalidate, kept, strict=True))
 
 
 _default = KeyVerifier()
@@ -319,6 +330,7 @@ _default = KeyVerifier()
 key_verify = _default.verify
 key_verify_async = _default.verify_async
 key_cache_invalidate = _default.invalidate
+key_cache_invalidate_on_commit = _default.invalidate_on_commit
 
 
 # --- last_used_at, off the request path ------------------------------------------------------------

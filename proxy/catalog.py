@@ -19,7 +19,6 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import transaction
 from django.db.models.signals import post_delete, post_save
 from multidict import CIMultiDict
 from yarl import URL
@@ -164,7 +163,9 @@ def catalog_invalidate() -> None:
 
 
 def _on_change(sender: type, **kwargs: Any) -> None:
-    transaction.on_commit(catalog_invalidate)
+    # Inside the writer's transaction: an unreachable shared cache fails the write (CacheUnavailable, 503)
+    # instead of leaving other workers on the old catalog; published again once committed.
+    _cache.invalidate_on_commit()
 
 
 for _model in (Upstream, Model, Deployment):

@@ -7,7 +7,7 @@ from decimal import Decimal
 from django.core.validators import MinValueValidator
 from django.db import models
 
-from proxy.encryption import secret_decrypt, secret_encrypt
+from proxy.encryption import EncryptedJSONField, secret_decrypt, secret_encrypt
 
 
 class Upstream(models.Model):
@@ -21,7 +21,8 @@ class Upstream(models.Model):
     api_key_encrypted = models.TextField(blank=True, editable=False)
     timeout_s = models.FloatField(default=60.0, validators=[MinValueValidator(0.1)])
     max_retries = models.PositiveSmallIntegerField(default=2)
-    extra_headers = models.JSONField(default=dict, blank=True)
+    # Header values are often credentials too: encrypted at rest like the API key.
+    extra_headers = EncryptedJSONField(default=dict, blank=True)
     is_active = models.BooleanField(default=True)
     breaker_failure_threshold = models.PositiveIntegerField(default=5)
     breaker_cooldown_s = models.FloatField(default=30.0, validators=[MinValueValidator(0.0)])
