@@ -17,6 +17,7 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from apiforge.permissions import OwnerOrStaffModelPermissions
 from keys.models import ApiKey
 from keys.selectors import key_list
 from keys.services import ROTATION_GRACE_MAX_S, key_create, key_revoke, key_rotate, key_update
@@ -31,6 +32,8 @@ class StrictFieldsMixin(serializers.Serializer):
 
     Silently ignoring a misspelt ``rpm_limt`` would leave a key without the limit its owner meant to set.
     """
+
+    refuses_unknown_fields = True  # the schema says so: additionalProperties false (apiforge/schema.py)
 
     def to_internal_value(self, data: Any) -> Any:
         errors: dict[str, Any] = {}
@@ -172,7 +175,10 @@ def _user(request: Request) -> User:
 
 @extend_schema(tags=["keys"])
 @extend_schema_view(
-    list=extend_schema(summary="List API keys", description="Your keys; staff see every key and may filter by owner."),
+    list=extend_schema(
+        summary="List API keys",
+        description="Your keys; staff holding `keys.view_apikey` see every key and may filter by owner.",
+    ),
     retrieve=extend_schema(summary="Read an API key"),
     create=extend_schema(
         summary="Issue an API key",
@@ -188,6 +194,9 @@ def _user(request: Request) -> User:
     ),
 )
 class ApiKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    # Owners manage their keys with no model permission; other users' keys need staff with keys.view_apikey
+    # to be seen (else 404), change_apikey to PATCH or rotate, delete_apikey to revoke (else 403).
+    permission_classes = [OwnerOrStaffModelPermissions]
     serializer_class = ApiKeySerializer
     filterset_class = ApiKeyFilter
     search_fields = ["name", "prefix"]

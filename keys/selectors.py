@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
+from apiforge.permissions import staff_has_model_perm
 from keys.models import ApiKey
 from keys.policy import KeyPolicy, KeyRecord, KeyStateRefusal
 
@@ -38,9 +39,10 @@ _RECORD_FIELDS = (
 
 
 def key_list(*, actor: User) -> QuerySet[ApiKey]:
-    """The keys ``actor`` may see: staff see every key, everyone else their own (revoked ones included)."""
+    """The keys ``actor`` may see: their own (revoked ones included), and everyone's for staff holding
+    ``keys.view_apikey`` (or ``change_apikey``; superusers hold both). ``is_staff`` alone is not enough."""
     keys = ApiKey.objects.all()
-    if not actor.is_staff:
+    if not staff_has_model_perm(actor, "view", ApiKey):
         keys = keys.filter(owner=actor)
     return keys.order_by("-created_at", "-id")
 

@@ -14,11 +14,11 @@ from django.db.models import QuerySet
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import permissions, serializers, viewsets
 from rest_framework.request import Request
-from rest_framework.views import APIView
 
 from apiforge.errors import ErrorResponseSerializer
+from apiforge.permissions import ReadOrStaffModelPermissions, StaffModelPermissions
 from proxy.models import Deployment, Model, Upstream
-from proxy.selectors import model_list_for_user, upstream_list
+from proxy.selectors import model_list, model_list_for_user, model_list_sees_all, upstream_list
 from proxy.services import (
     MAX_RETRIES_LIMIT,
     DeploymentSpec,
@@ -31,21 +31,6 @@ from proxy.services import (
     upstream_delete,
     upstream_update,
 )
-
-
-class IsStaff(permissions.BasePermission):
-    def has_permission(self, request: Request, view: APIView) -> bool:
-        return bool(request.user and request.user.is_authenticated and getattr(request.user, "is_staff", False))
-
-
-class IsStaffOrReadOnly(permissions.BasePermission):
-    """Any authenticated user may read; only staff may write."""
-
-    def has_permission(self, request: Request, view: APIView) -> bool:
-        user = request.user
-        if not (user and user.is_authenticated):
-            return False
-        return request.method in permissions.SAFE_METHODS or bool(getattr(user, "is_staff", False))
 
 
 def _actor(request: Request) -> AbstractBaseUser | None:
@@ -132,10 +117,11 @@ class UpstreamSerializer(serializers.ModelSerializer[Upstream]):
 )
 @extend_schema(tags=["upstreams"])
 class UpstreamViewSet(viewsets.ModelViewSet[Upstream]):
-    """Upstream servers the proxy forwards to (staff only)."""
+    """Upstream servers the proxy forwards to: staff with ``proxy.view_upstream`` / ``add_`` / ``change_`` /
+    ``delete_upstream`` (superusers hold all); ``is_staff`` alone is refused (403), as in the admin."""
 
     serializer_class = UpstreamSerializer
-    permission_classes = [IsStaff]
+    permission_classes = [StaffModelPermissions]
     http_method_names = ["get", "post", "patch", "delete", "head", "options"]
     filterset_fields = ["kind", "is_active"]
     search_fields = ["name"]
@@ -251,28 +237,33 @@ _MODELS_READ = (
 class ModelViewSet(viewsets.ModelViewSet[Model]):
     """Public model names and the deployments that serve them."""
 
-    permission_classes = [IsStaffOrReadOnly]
+    # Reads: any authenticated user (the queryset decides what they see); writes: staff with
+    # proxy.add_model / change_model / delete_model.
+    permission_classes = [ReadOrStaffModelPermissions]
     http_method_names = ["get", "post", "patch", "delete", "head", "options"]
     filterset_fields = ["is_active"]
     search_fields = ["name"]
     ordering_fields = ["name", "created_at", "updated_at"]
 
-    def _is_staff(self) -> bool:
-        return bool(getattr(self.request.user, "is_staff", False))
+    def _writing(self) -> bool:
+        # A write has passed the permission check, so the writer holds the model permission it needs.
+        return self.request.method not in permissions.SAFE_METHODS
 
     def get_serializer_class(self) -> type[serializers.BaseSerializer[Model]]:
-        # The schema documents the staff shape; non-staff answers are a subset of it.
-        if getattr(self, "swagger_fake_view", False) or self._is_staff():
+        # The schema documents the staff shape; answers to users who do not see every model are a subset of it.
+        if getattr(self, "swagger_fake_view", False) or self._writing():
             return ModelSerializer
-        return ModelPublicSerializer
+        return ModelSerializer if model_list_sees_all(user=self.request.user) else ModelPublicSerializer
 
     def get_queryset(self) -> QuerySet[Model]:
         if getattr(self, "swagger_fake_view", False):
             return Model.objects.none()
+        if self._writing():  # e.g. a staff member holding change_model but not view_model still finds the model
+            return model_list()
         return model_list_for_user(user=self.request.user)
 
     def _fresh(self, model: Model) -> Model:
-        return model_list_for_user(user=self.request.user).get(pk=model.pk)
+        return model_list().get(pk=model.pk)
 
     def perform_create(self, serializer: serializers.BaseSerializer[Model]) -> None:
         data = dict(serializer.validated_data)

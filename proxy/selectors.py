@@ -11,6 +11,7 @@ from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import AnonymousUser
 from django.db.models import Count, Prefetch, QuerySet
 
+from apiforge.permissions import staff_has_model_perm
 from proxy.models import Deployment, Model, Upstream
 
 
@@ -26,16 +27,18 @@ def upstream_list() -> QuerySet[Upstream]:
     return Upstream.objects.all()
 
 
-def _user_is_staff(user: AbstractBaseUser | AnonymousUser | None) -> bool:
-    return bool(user is not None and user.is_authenticated and getattr(user, "is_staff", False))
+def model_list() -> QuerySet[Model]:
+    """Every model with its deployments (and their upstreams) prefetched: the staff view; the caller checks."""
+    deployments = Deployment.objects.select_related("upstream").order_by("pk")
+    return Model.objects.prefetch_related(Prefetch("deployments", queryset=deployments))
 
 
 def model_list_for_user(*, user: AbstractBaseUser | AnonymousUser | None) -> QuerySet[Model]:
-    """The models ``user`` may see: all of them (with deployments) for staff; otherwise the active
-    models that one of the user's active keys may call. A user without keys sees none."""
-    if _user_is_staff(user):
-        deployments = Deployment.objects.select_related("upstream").order_by("pk")
-        return Model.objects.prefetch_related(Prefetch("deployments", queryset=deployments))
+    """The models ``user`` may see: all of them (with deployments) for staff holding ``proxy.view_model``
+    (see ``model_list_sees_all``); otherwise the active models that one of the user's active keys may call.
+    A user without keys sees none."""
+    if model_list_sees_all(user=user):
+        return model_list()
     if user is None or not user.is_authenticated or user.pk is None:
         return Model.objects.none()
     # Imported here: keys.models validates scopes with model_names_unknown above, so a module-level
@@ -49,6 +52,11 @@ def model_list_for_user(*, user: AbstractBaseUser | AnonymousUser | None) -> Que
     if not names:
         return Model.objects.none()
     return visible.filter(name__in=sorted(names))
+
+
+def model_list_sees_all(*, user: AbstractBaseUser | AnonymousUser | None) -> bool:
+    """Whether ``user`` sees every model with its deployments: staff with ``proxy.view_model`` (or change_)."""
+    return staff_has_model_perm(user, "view", Model)
 
 
 def model_list_for_admin() -> QuerySet[Model]:

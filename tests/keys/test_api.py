@@ -6,6 +6,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.db import connection
 from django.utils import timezone
 
@@ -22,6 +23,13 @@ URL = "/api/keys/"
 
 def _detail(key_id: int) -> str:
     return f"{URL}{key_id}/"
+
+
+def _staff_with(*codenames: str) -> Any:
+    """A staff member (not a superuser) holding exactly these ``keys`` permissions."""
+    staff = UserFactory(staff=True)
+    staff.user_permissions.set(Permission.objects.filter(content_type__app_label="keys", codename__in=codenames))
+    return staff
 
 
 def _raw_row(key_id: int) -> tuple[Any, ...]:
@@ -151,6 +159,75 @@ def test_staff_see_every_key_and_filter_by_owner(client_for, staff, user, other_
     assert {k["id"] for k in api.get(URL).json()["results"]} == {mine.pk, theirs.pk}
     assert [k["id"] for k in api.get(f"{URL}?owner={other_user.pk}").json()["results"]] == [theirs.pk]
     assert api.get(_detail(mine.pk)).status_code == 200
+
+
+def test_staff_without_view_apikey_see_only_their_own_keys(client_for, user):
+    theirs = ApiKeyFactory(owner=user)
+    staff = UserFactory(staff=True)
+    own = ApiKeyFactory(owner=staff)
+    api = client_for(staff)
+
+    assert [k["id"] for k in api.get(URL).json()["results"]] == [own.pk]
+    assert api.get(f"{URL}?owner={user.pk}").json()["count"] == 0
+    assert api.get(_detail(theirs.pk)).status_code == 404
+    assert api.patch(_detail(theirs.pk), {"name": "taken"}, format="json").status_code == 404
+    assert api.post(f"{_detail(theirs.pk)}rotate/", {}, format="json").status_code == 404
+    assert api.delete(_detail(theirs.pk)).status_code == 404
+    assert api.patch(_detail(own.pk), {"name": "still mine"}, format="json").status_code == 200
+    theirs.refresh_from_db()
+    assert theirs.name != "taken"
+    assert theirs.revoked_at is None
+
+
+def test_staff_with_view_apikey_see_every_key_but_cannot_change_rotate_or_revoke_others(client_for, user):
+    theirs = ApiKeyFactory(owner=user)
+    api = client_for(_staff_with("view_apikey"))
+
+    assert [k["id"] for k in api.get(URL).json()["results"]] == [theirs.pk]
+    assert api.get(_detail(theirs.pk)).status_code == 200
+    assert api.patch(_detail(theirs.pk), {"name": "taken"}, format="json").status_code == 403
+    assert api.post(f"{_detail(theirs.pk)}rotate/", {}, format="json").status_code == 403
+    assert api.delete(_detail(theirs.pk)).status_code == 403
+    theirs.refresh_from_db()
+    assert theirs.name != "taken"
+    assert theirs.revoked_at is None
+    assert not AuditEvent.objects.filter(action__in=["key.rotate", "key.update", "key.revoke"]).exists()
+
+
+def test_rotating_another_users_key_needs_change_apikey_and_is_audited(client_for, user, run_on_commit):
+    theirs = ApiKeyFactory(owner=user)
+    staff = _staff_with("change_apikey")  # change implies view, as in the admin
+    api = client_for(staff)
+
+    with run_on_commit():
+        answer = api.post(f"{_detail(theirs.pk)}rotate/", {}, format="json")
+
+    assert answer.status_code == 200, answer.content
+    assert key_verify(answer.json()["key"], None).key_id == theirs.pk
+    event = AuditEvent.objects.get(action="key.rotate")
+    assert event.actor_id == staff.pk
+    assert api.delete(_detail(theirs.pk)).status_code == 403  # revoking needs delete_apikey
+
+
+def test_revoking_another_users_key_needs_delete_apikey(client_for, user, run_on_commit):
+    theirs = ApiKeyFactory(owner=user)
+    api = client_for(_staff_with("view_apikey", "delete_apikey"))
+
+    with run_on_commit():
+        assert api.delete(_detail(theirs.pk)).status_code == 204
+
+    theirs.refresh_from_db()
+    assert theirs.revoked_at is not None
+
+
+def test_staff_with_permissions_list_query_count_is_bounded(client_for, django_assert_max_num_queries):
+    for owner in UserFactory.create_batch(5):
+        ApiKeyFactory.create_batch(4, owner=owner)
+    api = client_for(_staff_with("view_apikey"))
+    # JWT user lookup, the user's and their groups' permissions, COUNT, page.
+    with django_assert_max_num_queries(5):
+        answer = api.get(URL)
+    assert answer.json()["count"] == 20
 
 
 def test_anonymous_requests_are_refused(client):

@@ -1,4 +1,8 @@
-"""The staff management API for upstreams and models: /api/upstreams/ and /api/models/."""
+"""The staff management API for upstreams and models: /api/upstreams/ and /api/models/.
+
+"Staff" here is a staff member holding the proxy app's model permissions: ``is_staff`` alone grants nothing
+(see apiforge/permissions.py and the "who may" sections below).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
@@ -40,9 +45,18 @@ def _client(user: User | None) -> APIClient:
     return client
 
 
+def _staff_with(*codenames: str) -> User:
+    """A staff member holding exactly these ``proxy`` permissions."""
+    staff = UserFactory(staff=True)
+    staff.user_permissions.set(Permission.objects.filter(content_type__app_label="proxy", codename__in=codenames))
+    return staff
+
+
 @pytest.fixture
 def staff() -> User:
-    return UserFactory(staff=True)
+    """A staff member holding every proxy model permission (upstreams, models, deployments), not a superuser."""
+    perms = [f"{action}_{name}" for action in ("view", "add", "change", "delete") for name in ("upstream", "model")]
+    return _staff_with(*perms, "view_deployment", "add_deployment", "change_deployment", "delete_deployment")
 
 
 @pytest.fixture
@@ -72,6 +86,11 @@ def _upstream_body(**overrides: Any) -> dict[str, Any]:
     }
     body.update(overrides)
     return body
+
+
+def _has_field_error(body: dict[str, Any], field: str) -> bool:
+    """Whether the error answer names ``field`` or a path inside it (dotted: ``deployments.0.weight``)."""
+    return any(name == field or name.startswith(f"{field}.") for name in body["fields"])
 
 
 def _raw_upstream_row(pk: int) -> tuple[str, str]:
@@ -227,7 +246,7 @@ def test_invalid_upstream_is_refused_with_a_field_error(
     assert response.status_code == 400, response.content
     body = response.json()
     assert body["code"] == "invalid"
-    assert field in body["fields"], body
+    assert _has_field_error(body, field), body
     assert SECRET not in response.content.decode()
     assert not Upstream.objects.exists()
 
@@ -284,6 +303,43 @@ def test_non_staff_cannot_read_or_write_upstreams(user_client: APIClient) -> Non
     assert user_client.patch(f"{UPSTREAMS}{upstream.pk}/", {"timeout_s": 1}, format="json").status_code == 403
     assert user_client.delete(f"{UPSTREAMS}{upstream.pk}/").status_code == 403
     assert Upstream.objects.get(pk=upstream.pk).timeout_s == upstream.timeout_s
+
+
+def test_staff_without_model_permissions_are_refused_upstreams_like_ordinary_users() -> None:
+    upstream = UpstreamFactory()
+    client = _client(UserFactory(staff=True))
+    assert client.get(UPSTREAMS).status_code == 403
+    assert client.get(f"{UPSTREAMS}{upstream.pk}/").status_code == 403
+    assert client.options(UPSTREAMS).status_code == 403
+    assert client.post(UPSTREAMS, _upstream_body(), format="json").status_code == 403
+    assert client.patch(f"{UPSTREAMS}{upstream.pk}/", {"timeout_s": 1}, format="json").status_code == 403
+    assert client.delete(f"{UPSTREAMS}{upstream.pk}/").status_code == 403
+    assert Upstream.objects.get(pk=upstream.pk).timeout_s == upstream.timeout_s
+
+
+def test_each_upstream_method_needs_its_own_model_permission() -> None:
+    upstream = UpstreamFactory()
+    url = f"{UPSTREAMS}{upstream.pk}/"
+    viewer = _client(_staff_with("view_upstream"))
+    assert viewer.get(UPSTREAMS).json()["count"] == 1
+    assert viewer.get(url).status_code == 200
+    assert viewer.post(UPSTREAMS, _upstream_body(), format="json").status_code == 403
+    assert viewer.patch(url, {"timeout_s": 1}, format="json").status_code == 403
+    assert viewer.delete(url).status_code == 403
+
+    changer = _client(_staff_with("change_upstream"))  # change implies view, as in the admin
+    assert changer.get(url).status_code == 200
+    assert changer.patch(url, {"timeout_s": 7}, format="json").status_code == 200
+    assert changer.delete(url).status_code == 403
+
+    assert _client(_staff_with("add_upstream")).post(UPSTREAMS, _upstream_body(), format="json").status_code == 201
+    assert _client(_staff_with("delete_upstream")).delete(url).status_code == 204
+
+
+def test_a_superuser_needs_no_explicit_permission() -> None:
+    client = _client(UserFactory(superuser=True))
+    assert client.post(UPSTREAMS, _upstream_body(), format="json").status_code == 201
+    assert client.get(UPSTREAMS).json()["count"] == 1
 
 
 def test_anonymous_callers_are_told_to_authenticate() -> None:
@@ -414,7 +470,7 @@ def test_invalid_model_is_refused_with_a_field_error(
     response = staff_client.post(MODELS, body, format="json")
 
     assert response.status_code == 400, response.content
-    assert field in response.json()["fields"], response.json()
+    assert _has_field_error(response.json(), field), response.json()
     assert not Model.objects.filter(name="gpt-4o").exists()
 
 
@@ -519,6 +575,38 @@ def test_non_staff_cannot_write_models(user_client: APIClient, upstreams: tuple[
     assert user_client.delete(f"{MODELS}{model.pk}/").status_code == 403
     assert Model.objects.get(pk=model.pk).is_active
     assert not Model.objects.filter(name="mine").exists()
+
+
+def test_staff_without_model_permissions_cannot_write_models_and_read_them_like_users(
+    upstreams: tuple[Upstream, Upstream],
+) -> None:
+    model = DeploymentFactory(model__name="gpt-4o", upstream=upstreams[0]).model
+    client = _client(UserFactory(staff=True))
+    assert client.post(MODELS, _model_body(name="mine"), format="json").status_code == 403
+    assert client.patch(f"{MODELS}{model.pk}/", {"is_active": False}, format="json").status_code == 403
+    assert client.delete(f"{MODELS}{model.pk}/").status_code == 403
+    assert client.get(MODELS).json()["count"] == 0  # no key: no model, as for any user
+    assert client.get(f"{MODELS}{model.pk}/").status_code == 404
+    assert Model.objects.get(pk=model.pk).is_active
+
+
+def test_a_staff_member_who_may_change_models_finds_and_changes_one_without_view_model(
+    upstreams: tuple[Upstream, Upstream],
+) -> None:
+    model = DeploymentFactory(model__name="gpt-4o", upstream=upstreams[0], model__is_active=False).model
+    client = _client(_staff_with("change_model"))
+    response = client.patch(f"{MODELS}{model.pk}/", {"is_active": True}, format="json")
+    assert response.status_code == 200
+    assert response.json()["deployments"][0]["upstream"] == upstreams[0].name
+    assert client.post(MODELS, _model_body(name="mine"), format="json").status_code == 403
+
+
+def test_a_staff_member_who_may_only_add_models_gets_the_created_model_back(
+    upstreams: tuple[Upstream, Upstream],
+) -> None:
+    response = _client(_staff_with("add_model")).post(MODELS, _model_body(name="mine"), format="json")
+    assert response.status_code == 201
+    assert response.json()["name"] == "mine"
 
 
 @pytest.fixture
