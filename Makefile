@@ -26,14 +26,18 @@ run: $(STAMP)
 	APP_ENV=$${APP_ENV:-development} $(BIN)/python manage.py bootstrap_dev
 	PORT=$(PORT) APP_ENV=$${APP_ENV:-development} $(BIN)/python manage.py bootstrap_demo
 	APP_ENV=$${APP_ENV:-development} $(BIN)/uvicorn apiforge.asgi:application --host $(HOST) --port $(PORT) \
-		--loop uvloop --http httptools --lifespan on
+		--loop uvloop --http apiforge.server:GuardedHttpToolsProtocol --lifespan on \
+		--forwarded-allow-ips "$${FORWARDED_ALLOW_IPS:-}"
 
-# Production-style serving: uvicorn workers (uvloop + httptools), WEB_CONCURRENCY processes.
+# Production-style serving: uvicorn workers (uvloop + httptools), WEB_CONCURRENCY processes. The protocol is
+# httptools with request limits (apiforge/server.py: MAX_REQUEST_HEADER_BYTES, REQUEST_*_TIMEOUT_S); no proxy's
+# X-Forwarded-For is trusted unless FORWARDED_ALLOW_IPS names it (uvicorn's own default trusts 127.0.0.1).
 serve: $(STAMP)
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py collectstatic --noinput -v 0
 	$(BIN)/uvicorn apiforge.asgi:application --host $(HOST) --port $(PORT) --workers $(WEB_CONCURRENCY) \
-		--loop uvloop --http httptools --lifespan on --no-access-log --timeout-keep-alive 30
+		--loop uvloop --http apiforge.server:GuardedHttpToolsProtocol --lifespan on --no-access-log \
+		--timeout-keep-alive 30 --forwarded-allow-ips "$${FORWARDED_ALLOW_IPS:-}"
 
 worker: $(STAMP)
 	$(BIN)/celery -A apiforge worker -l INFO

@@ -261,6 +261,13 @@ PROXY_LEAN_ASGI = env.bool("PROXY_LEAN_ASGI", default=True)
 # How often a worker looks for invalidations made elsewhere (seconds).
 CACHE_SYNC_INTERVAL_S = env.float("CACHE_SYNC_INTERVAL_S", default=0.5)
 
+# --- Server (apiforge/server.py, the uvicorn protocol of `make serve` and the image) ---------------
+# Request line and headers of one request, in bytes: past this it is answered 431 before more is read.
+MAX_REQUEST_HEADER_BYTES = env.int("MAX_REQUEST_HEADER_BYTES", default=16 * 1024)
+# A request's headers must arrive within this of its first byte, its body within this of its headers (else 408).
+REQUEST_HEADER_TIMEOUT_S = env.float("REQUEST_HEADER_TIMEOUT_S", default=10.0)
+REQUEST_BODY_TIMEOUT_S = env.float("REQUEST_BODY_TIMEOUT_S", default=30.0)
+
 # --- I18N / static ---------------------------------------------------------------
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

@@ -50,6 +50,7 @@ ROOT = HERE.parent
 LUA = HERE / "wrk_post.lua"
 SECRET_KEY = "bench-only-secret-key-never-used-anywhere-else-0123456789abcdef"  # noqa: S105 - throwaway stack
 SERVERS = ("uvicorn", "granian", "gunicorn", "daphne")
+UVICORN_HTTP = "apiforge.server:GuardedHttpToolsProtocol"  # what `make serve` and the image run
 STREAM_CHECK_CHUNKS = 8
 STREAM_CHECK_DELAY_MS = 20
 
@@ -417,10 +418,16 @@ def server_command(args: argparse.Namespace, port: int) -> list[str]:
     app = "apiforge.asgi:application"
     host = "127.0.0.1"
     if args.server == "uvicorn":
-        return [
+        # The flags of `make serve` (tests/platform/test_docker_files.py checks they agree); --uvicorn-http swaps
+        # the protocol to compare (httptools, h11 ...), --h11-max-incomplete-event-size is passed on for h11.
+        command = [
             str(bin_dir / "uvicorn"), app, "--host", host, "--port", str(port), "--workers", str(args.workers),
-            "--loop", "uvloop", "--http", "httptools", "--lifespan", "on", "--no-access-log", "--log-level", "warning",
+            "--loop", "uvloop", "--http", args.uvicorn_http, "--lifespan", "on", "--no-access-log",
+            "--timeout-keep-alive", "30", "--forwarded-allow-ips", "", "--log-level", "warning",
         ]  # fmt: skip
+        if args.h11_max_incomplete_event_size:
+            command += ["--h11-max-incomplete-event-size", str(args.h11_max_incomplete_event_size)]
+        return command
     if args.server == "granian":
         return [
             str(bin_dir / "granian"), "--interface", "asgi", "--host", host, "--port", str(port),
@@ -509,6 +516,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     stack = parser.add_argument_group("the throwaway stack (default)")
     stack.add_argument("--server", choices=SERVERS, default="uvicorn")
     stack.add_argument("--workers", type=int, default=1)
+    stack.add_argument(
+        "--uvicorn-http", default=UVICORN_HTTP, help=f"uvicorn's --http (default {UVICORN_HTTP}, as make serve)"
+    )
+    stack.add_argument("--h11-max-incomplete-event-size", type=int, default=0, help="uvicorn h11 only")
     stack.add_argument("--cpus", default=None, help="CPUs for the gateway (default: 0 for one worker, else all)")
     stack.add_argument("--chunks", type=int, default=8, help="content chunks per streamed answer")
     stack.add_argument("--port", type=int, default=0, help="gateway port (default: a free one)")

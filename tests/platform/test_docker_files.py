@@ -9,6 +9,7 @@ this virtualenv with the same production settings; nginx.conf must pass /v1/ and
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import re
 import shlex
@@ -247,12 +248,42 @@ def test_cmd_serves_the_asgi_app_like_make_serve() -> None:
     assert "--port 8000" in line
     make_serve = re.search(r"^serve:.*?\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.MULTILINE)
     assert make_serve
-    serve_line = make_serve.group(1).replace("\\\n", " ")
+    serve_line = make_serve.group(1).replace("\\\n", " ").replace("$$", "$")  # make's $$ is the shell's $
     literal_options = re.findall(r"(--[\w-]+)(?: ([^\s$-][^\s]*))?", serve_line.split("uvicorn", 1)[1])
     for option, value in literal_options:
         assert option in line, f"make serve passes {option}, the image does not"
         if value:
             assert f"{option} {value}" in line, f"make serve passes {option} {value}"
+
+
+def test_cmd_uses_the_guarded_protocol_and_trusts_no_proxy_unless_configured(compose: dict[str, Any]) -> None:
+    line = _cmd()[2]
+    gateway_env = compose["services"]["gateway"]["environment"]
+
+    assert "--http apiforge.server:GuardedHttpToolsProtocol" in line
+    assert '--forwarded-allow-ips "${FORWARDED_ALLOW_IPS:-}"' in line  # unset: empty, uvicorn trusts nobody
+    assert "FORWARDED_ALLOW_IPS" not in " ".join(i.args for i in _dockerfile() if i.keyword in {"ENV", "ARG"})
+    assert gateway_env["FORWARDED_ALLOW_IPS"] == "*"  # behind nginx only: its X-Forwarded-For is the client
+    assert "FORWARDED_ALLOW_IPS" in (ROOT / "README.md").read_text()
+
+
+def test_the_benchmark_runs_the_server_like_make_serve() -> None:
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
+    assert spec
+    assert spec.loader
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_run"] = bench  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        del sys.modules["bench_run"]
+    command = bench.server_command(bench.parse_args([]), 8100)
+    line = _cmd()[2]
+
+    for option in ("--loop", "--http", "--lifespan", "--timeout-keep-alive"):
+        value = command[command.index(option) + 1]
+        assert f"{option} {value}" in line, f"bench/run.py runs {option} {value}, the image does not"
+    assert "--forwarded-allow-ips" in command
 
 
 def test_healthcheck_probes_health_with_the_standard_library() -> None:
@@ -381,3 +412,24 @@ def test_nginx_streams_v1_and_gw_unbuffered_and_upgrades_websockets() -> None:
     assert "proxy_http_version 1.1;" in config
     assert re.search(r"upstream gateway \{[^}]*server gateway:8000\b", config)
     assert "/nginx-health" in locations
+
+
+def test_nginx_bounds_request_heads_and_slow_clients_like_the_gateway() -> None:
+    config = re.sub(r"#.*", "", (DOCKER / "nginx.conf").read_text())
+    from apiforge.server import DEFAULT_MAX_REQUEST_HEADER_BYTES, DEFAULT_REQUEST_HEADER_TIMEOUT_S
+
+    def size(value: str) -> int:
+        return int(value[:-1]) * 1024 if value.endswith("k") else int(value)
+
+    buffers = re.search(r"large_client_header_buffers (\d+) (\d+k?);", config)
+    assert buffers, "nginx.conf sets no large_client_header_buffers"
+    assert int(buffers.group(1)) * size(buffers.group(2)) <= DEFAULT_MAX_REQUEST_HEADER_BYTES
+    initial = re.search(r"client_header_buffer_size (\d+k?);", config)
+    assert initial
+    assert size(initial.group(1)) <= size(buffers.group(2))
+    header_timeout = re.search(r"client_header_timeout (\d+)s;", config)
+    body_timeout = re.search(r"client_body_timeout (\d+)s;", config)
+    assert header_timeout
+    assert body_timeout
+    assert int(header_timeout.group(1)) <= DEFAULT_REQUEST_HEADER_TIMEOUT_S
+    assert int(body_timeout.group(1)) < 60  # nginx's default; a slow body is cut off sooner
