@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotAuthenticated
@@ -20,6 +21,7 @@ from rest_framework_simplejwt.views import TokenRefreshView
 
 from accounts.models import User
 from accounts.services import user_login, user_logout, user_register
+from accounts.throttling import registration_attempt_reserve
 from apiforge.errors import ErrorResponseSerializer
 
 _TAGS = ["auth"]
@@ -72,12 +74,27 @@ class _PublicAuthView(APIView):
     permission_classes = (AllowAny,)
 
 
+class RegistrationReceivedSerializer(serializers.ModelSerializer[User]):
+    """The answer with ``REGISTRATION_ENUMERATION_SAFE`` on: the same for a new and for a taken username or email."""
+
+    class Meta:
+        model = User
+        fields = ["username", "email", "display_name"]
+        read_only_fields = fields
+
+
 class RegisterView(_PublicAuthView):
     @extend_schema(
         operation_id="auth_register",
         summary="Register a user",
         description="Creates an ordinary user. Django's password validators apply; "
-        "usernames and emails are unique regardless of case.",
+        "usernames and emails are unique regardless of case.\n\n"
+        "Throttled per client address: after `REGISTRATION_THROTTLE_RATE` attempts in "
+        "`REGISTRATION_THROTTLE_WINDOW_S`, answers 429 with a `Retry-After` header (seconds).\n\n"
+        "With `REGISTRATION_ENUMERATION_SAFE` on, a taken username or email is not reported: the answer is "
+        "201 with only `username`, `email` and `display_name` (normalized), exactly as for a new account, "
+        "and no account is created; the registrant finds out by logging in. With it off (the default), the "
+        "answer is 201 with the new user, and a taken username or email is a 400 field error.",
         tags=_TAGS,
         auth=[],
         request=RegisterSerializer,
@@ -85,21 +102,26 @@ class RegisterView(_PublicAuthView):
             201: UserSerializer,
             400: OpenApiResponse(_ERROR, description="Invalid input; `fields` says which and why."),
             415: OpenApiResponse(_ERROR, description="The body is not JSON."),
+            429: OpenApiResponse(_ERROR, description="Too many registrations from this address; see `Retry-After`."),
         },
     )
     def post(self, request: Request) -> Response:
+        registration_attempt_reserve(ip=_client_ip(request))
         serializer = RegisterSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        user = user_register(**serializer.validated_data)
-        return Response(UserSerializer(user).data, status=status.HTTP_201_CREATED)
+        hide_duplicates = settings.REGISTRATION_ENUMERATION_SAFE
+        user = user_register(**serializer.validated_data, hide_duplicates=hide_duplicates)
+        body = RegistrationReceivedSerializer(user) if hide_duplicates else UserSerializer(user)
+        return Response(body.data, status=status.HTTP_201_CREATED)
 
 
 class LoginView(_PublicAuthView):
     @extend_schema(
         operation_id="auth_login",
         summary="Log in: get a JWT pair",
-        description="After repeated failures for one username or from one address, answers 429 "
-        "with a `Retry-After` header (seconds) until the window ends.",
+        description="After `LOGIN_THROTTLE_FAILURES` failures for one username (from anywhere, on any "
+        "login path: this one or the admin's), or `LOGIN_THROTTLE_IP_FAILURES` from one address, answers 429 "
+        "with a `Retry-After` header (seconds) until the window ends; the password is not checked meanwhile.",
         tags=_TAGS,
         auth=[],
         request=LoginSerializer,
@@ -114,7 +136,7 @@ class LoginView(_PublicAuthView):
     def post(self, request: Request) -> Response:
         serializer = LoginSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        tokens = user_login(**serializer.validated_data, ip=_client_ip(request))
+        tokens = user_login(**serializer.validated_data, request=request._request)
         return Response(TokenPairSerializer(tokens).data)
 
 

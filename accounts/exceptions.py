@@ -16,8 +16,19 @@ class InvalidCredentials(DomainError):
 
 
 class LoginThrottled(DomainError):
-    """Too many failed logins for this username or from this address; ``retry_after`` says for how long."""
+    """Too many login attempts for this username or from this address; ``retry_after`` says for how long.
+
+    Raised by ``django.contrib.auth.authenticate()`` itself (``accounts.backends``), so every login path sees it.
+    """
 
     status_code = status.HTTP_429_TOO_MANY_REQUESTS
     default_code = "throttled"
     default_detail = "Too many failed login attempts."
+
+
+class RegistrationThrottled(DomainError):
+    """Too many registrations from this address; ``retry_after`` says for how long."""
+
+    status_code = status.HTTP_429_TOO_MANY_REQUESTS
+    default_code = "throttled"
+    default_detail = "Too many registrations from this address."

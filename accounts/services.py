@@ -15,13 +15,14 @@ from django.contrib.auth.models import update_last_login
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
+from django.http import HttpRequest
 from rest_framework_simplejwt.exceptions import TokenError
 from rest_framework_simplejwt.settings import api_settings as jwt_settings
 from rest_framework_simplejwt.tokens import RefreshToken
 
-from accounts.exceptions import InvalidCredentials, LoginThrottled
+from accounts.backends import login_client_ip
+from accounts.exceptions import InvalidCredentials
 from accounts.models import User
-from accounts.throttling import login_failure_record, login_success_record, login_throttle_check
 
 logger = logging.getLogger("accounts")
 
@@ -43,8 +44,16 @@ def _duplicate_errors(*, username: str, email: str) -> dict[str, list[str]]:
 
 
 @transaction.atomic
-def user_register(*, username: str, email: str, password: str, display_name: str = "") -> User:
-    """Create an ordinary user; Django's password validators apply. Raises ``ValidationError``."""
+def user_register(
+    *, username: str, email: str, password: str, display_name: str = "", hide_duplicates: bool = False
+) -> User:
+    """Create an ordinary user; Django's password validators apply. Raises ``ValidationError``.
+
+    With ``hide_duplicates`` (``REGISTRATION_ENUMERATION_SAFE``), a taken username or
+    email is not an error: nothing is created and the unsaved user (``pk`` None, with the
+    normalized username and email) is returned, after the same password hashing, so the
+    caller can answer exactly as for a new account.
+    """
     user = User(username=username, email=User.objects.normalize_email(email), display_name=display_name)
     errors: dict[str, list[str]] = {}
     try:
@@ -52,8 +61,10 @@ def user_register(*, username: str, email: str, password: str, display_name: str
         user.full_clean(exclude=["password"], validate_unique=False, validate_constraints=False)
     except ValidationError as exc:
         errors.update(exc.message_dict)
-    for field, messages in _duplicate_errors(username=user.username, email=user.email).items():
-        errors.setdefault(field, []).extend(messages)
+    duplicates = _duplicate_errors(username=user.username, email=user.email)
+    if not hide_duplicates:
+        for field, messages in duplicates.items():
+            errors.setdefault(field, []).extend(messages)
     try:
         validate_password(password, user)
     except ValidationError as exc:
@@ -62,11 +73,17 @@ def user_register(*, username: str, email: str, password: str, display_name: str
         raise ValidationError(errors)
 
     user.set_password(password)
+    if duplicates:
+        logger.info("registration of a taken username or email answered as a success: username=%s", user.username)
+        return user
     try:
         with transaction.atomic():
             user.save()
     except IntegrityError:
         # Lost a race with a concurrent registration of the same name or email.
+        if hide_duplicates:
+            user.pk = None
+            return user
         raise ValidationError(
             _duplicate_errors(username=user.username, email=user.email)
             or {"username": ["A user with that username already exists."]}
@@ -82,26 +99,18 @@ def _token_pair_issue(user: User) -> TokenPair:
     return TokenPair(access=str(refresh.access_token), refresh=str(refresh))
 
 
-def user_login(*, username: str, password: str, ip: str | None) -> TokenPair:
+def user_login(*, username: str, password: str, request: HttpRequest | None) -> TokenPair:
     """Check the credentials and issue a JWT pair.
 
-    Raises ``LoginThrottled`` when the username or the IP has too many recent
-    failures, ``InvalidCredentials`` for a wrong username/password or an
-    inactive account.
+    ``authenticate()`` is throttled (``accounts.backends``): it raises ``LoginThrottled``
+    while the username or the client IP of ``request`` is locked out, and logs failures.
+    Raises ``InvalidCredentials`` for a wrong username/password or an inactive account.
     """
-    try:
-        login_throttle_check(username=username, ip=ip)
-    except LoginThrottled:
-        logger.warning("login throttled: username=%s ip=%s", username, ip)
-        raise
-    user = authenticate(username=username, password=password)
+    user = authenticate(request, username=username, password=password)
     if not isinstance(user, User):
-        login_failure_record(username=username, ip=ip)
-        logger.warning("login failed: username=%s ip=%s", username, ip)
         raise InvalidCredentials()
-    login_success_record(username=username)
     tokens = _token_pair_issue(user)
-    logger.info("login succeeded: id=%s username=%s ip=%s", user.pk, user.username, ip)
+    logger.info("login succeeded: id=%s username=%s ip=%s", user.pk, user.username, login_client_ip(request))
     return tokens
 
 

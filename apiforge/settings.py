@@ -186,8 +186,15 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
 
+# authenticate() itself is throttled (accounts/backends.py), so the API and the admin share one lockout.
+AUTHENTICATION_BACKENDS = ["accounts.backends.ThrottledModelBackend"]
+
 LOGIN_THROTTLE_FAILURES = env.int("LOGIN_THROTTLE_FAILURES", default=5)
+LOGIN_THROTTLE_IP_FAILURES = env.int("LOGIN_THROTTLE_IP_FAILURES", default=50)
 LOGIN_THROTTLE_WINDOW_S = env.int("LOGIN_THROTTLE_WINDOW_S", default=300)
+REGISTRATION_THROTTLE_RATE = env.int("REGISTRATION_THROTTLE_RATE", default=10)
+REGISTRATION_THROTTLE_WINDOW_S = env.int("REGISTRATION_THROTTLE_WINDOW_S", default=3600)
+REGISTRATION_ENUMERATION_SAFE = env.bool("REGISTRATION_ENUMERATION_SAFE", default=False)
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

@@ -1,4 +1,4 @@
-"""The Django admin for users: list, search, filter, add with the extra fields, change."""
+"""The Django admin for users (list, search, filter, add, change) and for JWT tokens (never the token itself)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import pytest
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
+from rest_framework_simplejwt.token_blacklist.models import BlacklistedToken, OutstandingToken
+from rest_framework_simplejwt.tokens import RefreshToken
 
 from accounts.models import User
 from tests.factories import UserFactory
@@ -91,3 +93,88 @@ def test_the_change_form_edits_the_display_name(staff_client: Client) -> None:
 
     assert page.status_code == 200
     assert 'name="display_name"' in page.content.decode()
+
+
+# --- JWT tokens: listed by jti, never the token itself ------------------------------------------------
+
+
+@pytest.fixture
+def refresh_tokens() -> list[RefreshToken]:
+    owner = UserFactory(username="holder")
+    return [RefreshToken.for_user(owner) for _ in range(2)]
+
+
+def test_the_outstanding_token_admin_shows_the_jti_and_never_the_token(
+    staff_client: Client, refresh_tokens: list[RefreshToken]
+) -> None:
+    live, revoked = refresh_tokens
+    revoked.blacklist()
+    outstanding = OutstandingToken.objects.get(jti=live["jti"])
+
+    changelist = staff_client.get("/admin/token_blacklist/outstandingtoken/").content.decode()
+    change = staff_client.get(f"/admin/token_blacklist/outstandingtoken/{outstanding.pk}/change/")
+
+    assert change.status_code == 200
+    page = change.content.decode()
+    for html in (changelist, page):
+        assert str(live) not in html
+        assert outstanding.token not in html
+        assert str(revoked) not in html
+        assert live["jti"] in html
+        assert "holder" in html
+    assert revoked["jti"] in changelist
+    assert 'name="token"' not in page
+
+
+def test_the_token_admins_cannot_search_by_token_nor_add_change_or_delete(
+    staff_client: Client, refresh_tokens: list[RefreshToken]
+) -> None:
+    live = refresh_tokens[0]
+    outstanding = OutstandingToken.objects.get(jti=live["jti"])
+
+    by_token = staff_client.get("/admin/token_blacklist/outstandingtoken/", {"q": str(live)}).content.decode()
+    by_jti = staff_client.get("/admin/token_blacklist/outstandingtoken/", {"q": live["jti"]}).content.decode()
+
+    assert live["jti"] not in by_token
+    assert live["jti"] in by_jti
+    assert staff_client.get("/admin/token_blacklist/outstandingtoken/add/").status_code == 403
+    url = f"/admin/token_blacklist/outstandingtoken/{outstanding.pk}/"
+    assert staff_client.post(url + "delete/", {"post": "yes"}).status_code == 403
+    assert staff_client.post(url + "change/", {"jti": "x"}).status_code == 403
+    assert OutstandingToken.objects.filter(pk=outstanding.pk, token=outstanding.token).exists()
+
+
+def test_the_blacklisted_token_admin_shows_the_jti_and_never_the_token(
+    staff_client: Client, refresh_tokens: list[RefreshToken]
+) -> None:
+    revoked = refresh_tokens[1]
+    revoked.blacklist()
+    blacklisted = BlacklistedToken.objects.get(token__jti=revoked["jti"])
+
+    changelist = staff_client.get("/admin/token_blacklist/blacklistedtoken/").content.decode()
+    change = staff_client.get(f"/admin/token_blacklist/blacklistedtoken/{blacklisted.pk}/change/")
+
+    assert change.status_code == 200
+    for html in (changelist, change.content.decode()):
+        assert str(revoked) not in html
+        assert blacklisted.token.token not in html
+        assert revoked["jti"] in html
+        assert "holder" in html
+    assert staff_client.get("/admin/token_blacklist/blacklistedtoken/add/").status_code == 403
+
+
+@pytest.mark.parametrize("path", ["outstandingtoken", "blacklistedtoken"])
+def test_the_token_changelists_take_a_constant_number_of_queries(staff_client: Client, path: str) -> None:
+    def tokens(count: int) -> None:
+        for _ in range(count):
+            RefreshToken.for_user(UserFactory()).blacklist()
+
+    tokens(2)
+    with CaptureQueriesContext(connection) as few:
+        assert staff_client.get(f"/admin/token_blacklist/{path}/").status_code == 200
+    tokens(10)
+
+    with CaptureQueriesContext(connection) as many:
+        assert staff_client.get(f"/admin/token_blacklist/{path}/").status_code == 200
+
+    assert len(many) == len(few)

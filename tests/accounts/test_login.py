@@ -22,6 +22,7 @@ Login = Callable[..., Any]
 @pytest.fixture(autouse=True)
 def _three_failures_per_minute(settings: Any) -> None:
     settings.LOGIN_THROTTLE_FAILURES = 3
+    settings.LOGIN_THROTTLE_IP_FAILURES = 6
     settings.LOGIN_THROTTLE_WINDOW_S = 60
 
 
@@ -81,15 +82,42 @@ def test_failures_for_one_username_are_throttled_with_retry_after(login: Login, 
     assert login("bob", ip="10.0.0.102").status_code == 200
 
 
-def test_failures_from_one_ip_are_throttled_across_usernames(login: Login, user: User) -> None:
-    for name in ["a", "b", "c"]:
+def test_a_few_failures_from_one_ip_lock_no_other_user_behind_it(login: Login, user: User) -> None:
+    for name in ["a", "b", "c", "d", "e"]:
+        assert login(name, "wrong", ip="192.0.2.7").status_code == 401
+
+    assert login("alice", ip="192.0.2.7").status_code == 200
+
+
+def test_failures_from_one_ip_are_throttled_across_usernames_at_the_ip_limit(login: Login, user: User) -> None:
+    for name in ["a", "b", "c", "d", "e", "f"]:
         assert login(name, "wrong", ip="192.0.2.7").status_code == 401
 
     throttled = login("alice", ip="192.0.2.7")
 
     assert throttled.status_code == 429
+    assert throttled.json()["code"] == "throttled"
     assert int(throttled["Retry-After"]) > 0
     assert login("alice", ip="192.0.2.8").status_code == 200
+
+
+def test_successful_logins_do_not_use_up_the_ips_allowance(login: Login, user: User) -> None:
+    for _ in range(10):
+        assert login("alice", ip="192.0.2.9").status_code == 200
+
+    UserFactory(username="bob")
+    assert login("bob", ip="192.0.2.9").status_code == 200
+
+
+def test_refused_attempts_count_nowhere(login: Login, user: User) -> None:
+    for _ in range(3):
+        assert login("alice", "wrong", ip="192.0.2.10").status_code == 401
+    for _ in range(10):
+        assert login("alice", "wrong", ip="192.0.2.10").status_code == 429
+
+    # The IP has three failures, not thirteen: another user behind it still gets in.
+    UserFactory(username="bob")
+    assert login("bob", ip="192.0.2.10").status_code == 200
 
 
 def test_only_failures_count_and_a_success_clears_the_usernames_failures(login: Login, user: User) -> None:
@@ -153,5 +181,4 @@ def test_login_still_works_without_the_cache_and_says_so_in_the_log(
     assert login("alice").status_code == 200
 
     warnings = [r.getMessage() for r in caplog.records if r.name == "accounts.throttling"]
-    assert "login throttle check skipped: cache unavailable" in warnings
-    assert "login failure not counted: cache unavailable" in warnings
+    assert warnings == ["login throttle skipped: cache unavailable"] * 2

@@ -1,0 +1,315 @@
+"""Who may call which management endpoint: every endpoint under /auth/ and /api/ x every kind of caller.
+
+The endpoints are read from the URL conf (``django.urls.get_resolver()``), with the methods their views
+offer, so a new endpoint (or a new method on one) fails ``test_the_matrix_lists_every_management_endpoint``
+until its row is added to ``MATRIX``. Each cell then calls the endpoint over HTTP with a JWT for the role,
+on real objects, and checks the status.
+
+Roles:
+- ``anonymous``: no credentials.
+- ``user``: an ordinary user acting on their own objects (``/api/keys/{pk}/`` is their key).
+- ``other_user``: an ordinary user acting on someone else's object (the same key, owned by ``user``).
+- ``staff``: ``is_staff`` without any model permission, acting on ``user``'s key: treated as an ordinary user.
+- ``staff_with_perms``: staff holding the keys and proxy model permissions (view/add/change/delete), not superuser.
+- ``superuser``: holds every permission without being given any.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import Permission
+from django.db import transaction
+from django.urls import URLPattern, URLResolver, get_resolver
+from rest_framework.test import APIClient
+from rest_framework_simplejwt.tokens import RefreshToken
+
+from accounts.models import User
+from keys.models import ApiKey
+from proxy.models import Model, Upstream
+from tests.factories import DEFAULT_PASSWORD, ApiKeyFactory, UserFactory
+from tests.proxy.factories import DeploymentFactory, UpstreamFactory
+
+pytestmark = pytest.mark.django_db
+
+ROLES = ("anonymous", "user", "other_user", "staff", "staff_with_perms", "superuser")
+
+# URL-conf prefixes that are not the management API, and are covered by their own tests.
+_NOT_MANAGEMENT = ("admin/", "api/schema/", "docs", "redoc", "health", "v1/")
+
+
+def _row(anonymous: int, user: int, other_user: int, staff: int, staff_with_perms: int, superuser: int) -> dict:
+    return dict(zip(ROLES, (anonymous, user, other_user, staff, staff_with_perms, superuser), strict=True))
+
+
+_PUBLIC = _row(200, 200, 200, 200, 200, 200)  # no authentication at all: credentials are ignored
+_ANY_USER = _row(401, 200, 200, 200, 200, 200)
+_STAFF_ONLY_READ = _row(401, 403, 403, 403, 200, 200)
+_OWN_OR_PERMITTED = _row(401, 200, 404, 404, 200, 200)  # someone else's key is not found without view_apikey
+
+MATRIX: dict[tuple[str, str], dict[str, int]] = {
+    # --- auth -------------------------------------------------------------------------------------
+    ("/auth/register", "POST"): _row(201, 201, 201, 201, 201, 201),
+    ("/auth/register", "OPTIONS"): _PUBLIC,
+    ("/auth/login", "POST"): _PUBLIC,
+    ("/auth/login", "OPTIONS"): _PUBLIC,
+    ("/auth/refresh", "POST"): _PUBLIC,
+    ("/auth/refresh", "OPTIONS"): _PUBLIC,
+    ("/auth/logout", "POST"): _row(401, 205, 205, 205, 205, 205),
+    ("/auth/logout", "OPTIONS"): _ANY_USER,
+    ("/auth/me", "GET"): _ANY_USER,
+    ("/auth/me", "HEAD"): _ANY_USER,
+    ("/auth/me", "OPTIONS"): _ANY_USER,
+    # --- keys: everyone manages their own; others' need keys.view_/change_/delete_apikey -----------
+    ("/api/keys/", "GET"): _ANY_USER,  # what each role sees: _KEYS_SEEN
+    ("/api/keys/", "HEAD"): _ANY_USER,
+    ("/api/keys/", "OPTIONS"): _ANY_USER,
+    ("/api/keys/", "POST"): _row(401, 201, 201, 201, 201, 201),  # always a key of one's own
+    ("/api/keys/{pk}/", "GET"): _OWN_OR_PERMITTED,
+    ("/api/keys/{pk}/", "HEAD"): _OWN_OR_PERMITTED,
+    ("/api/keys/{pk}/", "OPTIONS"): _ANY_USER,  # describes the endpoint, does not read the key
+    ("/api/keys/{pk}/", "PATCH"): _OWN_OR_PERMITTED,
+    ("/api/keys/{pk}/", "DELETE"): _row(401, 204, 404, 404, 204, 204),
+    ("/api/keys/{pk}/rotate/", "POST"): _OWN_OR_PERMITTED,  # the new secret goes to whoever may rotate
+    ("/api/keys/{pk}/rotate/", "OPTIONS"): _ANY_USER,
+    # --- upstreams: staff with proxy.*_upstream only -------------------------------------------
+    ("/api/upstreams/", "GET"): _STAFF_ONLY_READ,
+    ("/api/upstreams/", "HEAD"): _STAFF_ONLY_READ,
+    ("/api/upstreams/", "OPTIONS"): _STAFF_ONLY_READ,
+    ("/api/upstreams/", "POST"): _row(401, 403, 403, 403, 201, 201),
+    ("/api/upstreams/{pk}/", "GET"): _STAFF_ONLY_READ,
+    ("/api/upstreams/{pk}/", "HEAD"): _STAFF_ONLY_READ,
+    ("/api/upstreams/{pk}/", "OPTIONS"): _STAFF_ONLY_READ,
+    ("/api/upstreams/{pk}/", "PATCH"): _STAFF_ONLY_READ,
+    ("/api/upstreams/{pk}/", "DELETE"): _row(401, 403, 403, 403, 204, 204),
+    # DefaultRouter's format suffixes: the same views, so the same answers.
+    ("/api/upstreams.{format}", "GET"): _STAFF_ONLY_READ,
+    ("/api/upstreams.{format}", "HEAD"): _STAFF_ONLY_READ,
+    ("/api/upstreams.{format}", "OPTIONS"): _STAFF_ONLY_READ,
+    ("/api/upstreams.{format}", "POST"): _row(401, 403, 403, 403, 201, 201),
+    ("/api/upstreams/{pk}.{format}", "GET"): _STAFF_ONLY_READ,
+    ("/api/upstreams/{pk}.{format}", "HEAD"): _STAFF_ONLY_READ,
+    ("/api/upstreams/{pk}.{format}", "OPTIONS"): _STAFF_ONLY_READ,
+    ("/api/upstreams/{pk}.{format}", "PATCH"): _STAFF_ONLY_READ,
+    ("/api/upstreams/{pk}.{format}", "DELETE"): _row(401, 403, 403, 403, 204, 204),
+    # --- models: users read what their keys may call; writes need proxy.add_/change_/delete_model ---
+    ("/api/models/", "GET"): _ANY_USER,  # deployments shown only to staff_with_perms and superuser
+    ("/api/models/", "HEAD"): _ANY_USER,
+    ("/api/models/", "OPTIONS"): _ANY_USER,
+    ("/api/models/", "POST"): _row(401, 403, 403, 403, 201, 201),
+    ("/api/models/{pk}/", "GET"): _ANY_USER,  # every role holds a key that may call every model
+    ("/api/models/{pk}/", "HEAD"): _ANY_USER,
+    ("/api/models/{pk}/", "OPTIONS"): _ANY_USER,
+    ("/api/models/{pk}/", "PATCH"): _STAFF_ONLY_READ,
+    ("/api/models/{pk}/", "DELETE"): _row(401, 403, 403, 403, 204, 204),
+    ("/api/models.{format}", "GET"): _ANY_USER,
+    ("/api/models.{format}", "HEAD"): _ANY_USER,
+    ("/api/models.{format}", "OPTIONS"): _ANY_USER,
+    ("/api/models.{format}", "POST"): _row(401, 403, 403, 403, 201, 201),
+    ("/api/models/{pk}.{format}", "GET"): _ANY_USER,
+    ("/api/models/{pk}.{format}", "HEAD"): _ANY_USER,
+    ("/api/models/{pk}.{format}", "OPTIONS"): _ANY_USER,
+    ("/api/models/{pk}.{format}", "PATCH"): _STAFF_ONLY_READ,
+    ("/api/models/{pk}.{format}", "DELETE"): _row(401, 403, 403, 403, 204, 204),
+}
+
+EXPECTED_CELLS = 58 * len(ROLES)
+
+# Whose keys each role finds in GET /api/keys/: its own, or everyone's.
+_KEYS_SEEN = {"user": "own", "other_user": "own", "staff": "own", "staff_with_perms": "all", "superuser": "all"}
+# Who is answered the staff shape of a model (with deployments).
+_SEES_DEPLOYMENTS = {"staff_with_perms", "superuser"}
+
+
+# --- the URL conf ---------------------------------------------------------------------------------------
+
+
+def _pattern_text(pattern: str) -> str:
+    """``api/^keys/(?P<pk>[^/.]+)/$`` -> ``api/keys/{pk}/``; ``auth/<int:pk>`` -> ``auth/{pk}``."""
+    text = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern)
+    text = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", text)
+    text = text.replace("^", "").replace("$", "").replace("\\.", ".")
+    return text.removesuffix("/?")
+
+
+def _view_methods(callback: Any) -> set[str]:
+    view_class = callback.cls
+    actions = getattr(callback, "actions", None)
+    handlers = (
+        set(actions) if actions is not None else {m for m in view_class.http_method_names if hasattr(view_class, m)}
+    )
+    if "get" in handlers:
+        handlers.add("head")  # Django and DRF answer HEAD with the GET handler
+    handlers.add("options")
+    return {method.upper() for method in handlers if method in view_class.http_method_names}
+
+
+def _walk(patterns: list[Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for entry in patterns:
+        if isinstance(entry, URLResolver):
+            yield from _walk(entry.url_patterns, prefix + str(entry.pattern))
+        elif isinstance(entry, URLPattern):
+            yield prefix + str(entry.pattern), entry.callback
+
+
+def _management_endpoints() -> set[tuple[str, str]]:
+    found: set[tuple[str, str]] = set()
+    for raw, callback in _walk(get_resolver().url_patterns):
+        if not raw.startswith(("auth/", "api/")) or raw.startswith(_NOT_MANAGEMENT):
+            continue
+        path = "/" + _pattern_text(raw)
+        assert hasattr(callback, "cls"), f"{path}: not a DRF view; the matrix cannot tell its methods"
+        found.update((path, method) for method in _view_methods(callback))
+    return found
+
+
+def test_the_matrix_lists_every_management_endpoint() -> None:
+    endpoints = _management_endpoints()
+    missing = sorted(endpoints - set(MATRIX))
+    stale = sorted(set(MATRIX) - endpoints)
+    assert not missing, f"endpoints without a row in MATRIX (add their expected statuses): {missing}"
+    assert not stale, f"rows in MATRIX for endpoints that no longer exist: {stale}"
+    assert all(set(row) == set(ROLES) for row in MATRIX.values())
+    cells = sum(len(row) for row in MATRIX.values())
+    print(f"authorization matrix: {len(MATRIX)} endpoint-methods x {len(ROLES)} roles = {cells} cells")  # noqa: T201
+    assert cells == EXPECTED_CELLS
+
+
+# --- the world each cell runs in ------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    users: dict[str, User]
+    key: ApiKey  # owned by "user"
+    upstream: Upstream  # used by no deployment, so it can be deleted
+    serving_upstream: Upstream
+    model: Model
+
+
+@pytest.fixture
+def world(settings: Any) -> World:
+    # Factories and /auth/login hash passwords; the default PBKDF2 cost would dominate the run time.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    users = {
+        "user": UserFactory(username="alice"),
+        "other_user": UserFactory(username="bob"),
+        "staff": UserFactory(username="staff-plain", staff=True),
+        "staff_with_perms": UserFactory(username="staff-perms", staff=True),
+        "superuser": UserFactory(username="root", superuser=True),
+    }
+    users["staff_with_perms"].user_permissions.set(
+        Permission.objects.filter(
+            content_type__app_label__in=["keys", "proxy"],
+            codename__regex=r"^(view|add|change|delete)_(apikey|upstream|model|deployment)$",
+        )
+    )
+    keys = {role: ApiKeyFactory(owner=user, name=f"{role}'s key") for role, user in users.items()}
+    serving = UpstreamFactory(name="serving-up")
+    deployment = DeploymentFactory(model__name="matrix-model", upstream=serving)
+    return World(
+        users=users,
+        key=keys["user"],
+        upstream=UpstreamFactory(name="idle-up"),
+        serving_upstream=serving,
+        model=deployment.model,
+    )
+
+
+def _target(path: str, world: World) -> str:
+    if path.startswith("/api/keys/{pk}"):
+        pk = world.key.pk
+    elif path.startswith("/api/upstreams/{pk}"):
+        pk = world.upstream.pk
+    elif path.startswith("/api/models/{pk}"):
+        pk = world.model.pk
+    else:
+        assert "{pk}" not in path, f"{path}: say which object the matrix calls it on"
+        pk = 0
+    return path.replace("{pk}", str(pk)).replace("{format}", "json")
+
+
+def _body(path: str, method: str, world: World, refresh: str | None) -> dict[str, Any] | None:
+    """A valid body, so an allowed call succeeds and the status says only who may."""
+    bodies: dict[tuple[str, str], Callable[[], dict[str, Any]]] = {
+        ("/auth/register", "POST"): lambda: {
+            "username": "newcomer",
+            "email": "newcomer@example.com",
+            "password": DEFAULT_PASSWORD,
+        },
+        ("/auth/login", "POST"): lambda: {"username": "alice", "password": DEFAULT_PASSWORD},
+        ("/auth/refresh", "POST"): lambda: {"refresh": str(RefreshToken.for_user(world.users["user"]))},
+        ("/auth/logout", "POST"): lambda: {"refresh": refresh or "none"},
+        ("/api/keys/", "POST"): lambda: {"name": "matrix key"},
+        ("/api/keys/{pk}/", "PATCH"): lambda: {"name": "renamed"},
+        ("/api/keys/{pk}/rotate/", "POST"): lambda: {"grace_seconds": 0},
+        ("/api/upstreams/", "POST"): lambda: {"name": "new-up", "kind": "mock"},
+        ("/api/upstreams/{pk}/", "PATCH"): lambda: {"timeout_s": 5},
+        ("/api/models/", "POST"): lambda: {
+            "name": "new-model",
+            "deployments": [{"upstream": world.serving_upstream.name, "upstream_model": "x"}],
+        },
+        ("/api/models/{pk}/", "PATCH"): lambda: {"output_price_per_1k": "0.02"},
+    }
+    unsuffixed = path.replace(".{format}", "/").replace("//", "/")
+    make = bodies.get((unsuffixed, method))
+    if make is None:
+        assert method not in ("POST", "PATCH", "PUT"), f"{method} {path}: give the matrix a valid body"
+        return None
+    return make()
+
+
+def _check_what_is_shown(path: str, method: str, role: str, world: World, answer: Any) -> str | None:
+    """Beyond the status: whose keys a list shows, and who is answered model deployments."""
+    if method != "GET" or answer.status_code != 200:
+        return None
+    if path == "/api/keys/":
+        owners = {row["owner"] for row in answer.json()["results"]}
+        expected = {u.pk for u in world.users.values()} if _KEYS_SEEN[role] == "all" else {world.users[role].pk}
+        if owners != expected:
+            return f"sees keys of owners {sorted(owners)}, expected {sorted(expected)}"
+    if path.startswith("/api/models"):
+        body = answer.json()
+        rows = body["results"] if "results" in body else [body]
+        shown = any("deployments" in row for row in rows)
+        if not rows or shown != (role in _SEES_DEPLOYMENTS):
+            return f"deployments shown: {shown} (rows: {len(rows)})"
+    return None
+
+
+def _call(path: str, method: str, role: str, world: World) -> str | None:
+    client = APIClient()
+    refresh = None
+    if role != "anonymous":
+        token = RefreshToken.for_user(world.users[role])
+        refresh = str(token)
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {token.access_token}")
+    body = _body(path, method, world, refresh)
+    url = _target(path, world)
+    if body is None:
+        answer = client.generic(method, url)
+    else:
+        answer = client.generic(method, url, json.dumps(body), content_type="application/json")
+    expected = MATRIX[(path, method)][role]
+    if answer.status_code != expected:
+        return f"{role}: {answer.status_code}, expected {expected}: {answer.content[:200]!r}"
+    problem = _check_what_is_shown(path, method, role, world, answer)
+    return f"{role}: {problem}" if problem else None
+
+
+@pytest.mark.parametrize(("path", "method"), sorted(MATRIX), ids=[f"{m} {p}" for p, m in sorted(MATRIX)])
+def test_each_role_gets_the_expected_answer(path: str, method: str, world: World) -> None:
+    problems = []
+    for role in ROLES:
+        # Each role starts from the same world: what one call changes (a revoked key, a deleted model) is undone.
+        with transaction.atomic():
+            problem = _call(path, method, role, world)
+            transaction.set_rollback(True)
+        if problem:
+            problems.append(problem)
+    assert not problems, f"{method} {path}:\n" + "\n".join(problems)
