@@ -17,6 +17,7 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from apiforge.filters import IdFilter
 from apiforge.permissions import OwnerOrStaffModelPermissions
 from keys.models import ApiKey
 from keys.selectors import key_list
@@ -146,7 +147,7 @@ class KeyRotateSerializer(StrictFieldsMixin, serializers.Serializer):
 
 class ApiKeyFilter(django_filters.FilterSet):
     # A number, not a choice of users: the browsable API would otherwise list every user in a select box.
-    owner = django_filters.NumberFilter(field_name="owner_id", label="Owner (user id; staff)")
+    owner = IdFilter(field_name="owner_id", label="Owner (user id; staff)")
     revoked = django_filters.BooleanFilter(
         field_name="revoked_at", lookup_expr="isnull", exclude=True, label="Revoked keys only (true) or none (false)"
     )

@@ -11,7 +11,7 @@ from typing import Any, cast
 
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.db.models import QuerySet
-from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_serializer, extend_schema_view
 from rest_framework import permissions, serializers, viewsets
 from rest_framework.request import Request
 
@@ -161,6 +161,12 @@ class DeploymentSerializer(serializers.ModelSerializer[Deployment]):
         read_only_fields = ["id"]
 
 
+_DEPLOYMENTS_HELP = (
+    "Required on create. When written, replaces the model's deployments "
+    "(one kept per upstream + upstream_model keeps its id). Shown to staff only."
+)
+
+
 class ModelSerializer(serializers.ModelSerializer[Model]):
     """A public model as staff see it, deployments included."""
 
@@ -171,9 +177,9 @@ class ModelSerializer(serializers.ModelSerializer[Model]):
     )
     deployments = DeploymentSerializer(
         many=True,
-        required=False,
-        help_text="Required on create. When written, replaces the model's deployments "
-        "(one kept per upstream + upstream_model keeps its id). Shown to staff only.",
+        required=False,  # required on create: validate(), and ModelCreateSerializer for the schema
+        allow_empty=False,
+        help_text=_DEPLOYMENTS_HELP,
     )
 
     class Meta:
@@ -197,6 +203,13 @@ class ModelSerializer(serializers.ModelSerializer[Model]):
         if "deployments" in attrs and not attrs["deployments"]:
             raise serializers.ValidationError({"deployments": ["A model needs at least one deployment."]})
         return attrs
+
+
+@extend_schema_serializer(component_name="Model")  # the create body stays "ModelRequest"
+class ModelCreateSerializer(ModelSerializer):
+    """The create body, for the schema: ``deployments`` is required there (``ModelSerializer.validate``)."""
+
+    deployments = DeploymentSerializer(many=True, allow_empty=False, help_text=_DEPLOYMENTS_HELP)
 
 
 class ModelPublicSerializer(serializers.ModelSerializer[Model]):
@@ -229,7 +242,9 @@ _MODELS_READ = (
 @extend_schema_view(
     list=extend_schema(summary="List models", description=_MODELS_READ),
     retrieve=extend_schema(summary="Read a model", description=_MODELS_READ),
-    create=extend_schema(summary="Create a model (staff)", responses={201: ModelSerializer, 400: _ERROR}),
+    create=extend_schema(
+        summary="Create a model (staff)", request=ModelCreateSerializer, responses={201: ModelSerializer, 400: _ERROR}
+    ),
     partial_update=extend_schema(summary="Change a model (staff)", responses={200: ModelSerializer, 400: _ERROR}),
     destroy=extend_schema(summary="Delete a model (staff); it is also dropped from other models' fallbacks"),
 )

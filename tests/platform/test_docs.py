@@ -179,3 +179,66 @@ def test_the_development_server_of_make_run_serves_the_docs_and_their_assets(tmp
             server.kill()
             server.wait(timeout=10)
         log.close()
+
+
+def _operations(schema: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    return [
+        (path, method, operation)
+        for path, item in schema["paths"].items()
+        for method, operation in item.items()
+        if method in {"get", "post", "patch", "put", "delete"}
+    ]
+
+
+def test_every_operation_documents_the_error_answers_it_can_give(schema: dict[str, Any]) -> None:
+    for route, method, operation in _operations(schema):
+        responses = operation["responses"]
+        label = f"{method.upper()} {route}"
+        if "requestBody" in operation:
+            assert {"400", "413", "415"} <= set(responses), label
+        if any(p["in"] == "query" for p in operation.get("parameters", [])):
+            assert "400" in responses, label
+        if operation.get("security", [{}]) not in ([], [{}]):
+            assert "401" in responses, label
+        if "{" in route:
+            assert "404" in responses, label
+        for status, response in responses.items():
+            if status.startswith(("4", "5")):
+                assert _ref(schema, response["content"])["properties"].keys() >= {"detail", "code"}, label
+    paths = schema["paths"]
+    assert "403" in paths["/api/upstreams/"]["get"]["responses"]  # staff with model permissions only
+    assert "403" in paths["/api/keys/"]["post"]["responses"]  # a session request without its CSRF token
+    assert "403" not in paths["/auth/login"]["post"]["responses"]
+    assert "WWW-Authenticate" in paths["/api/keys/"]["get"]["responses"]["401"]["headers"]
+
+
+def test_validation_error_fields_are_documented_as_flat_paths_to_messages(schema: dict[str, Any]) -> None:
+    fields = schema["components"]["schemas"]["ErrorResponse"]["properties"]["fields"]
+
+    assert fields["additionalProperties"] == {"type": "array", "items": {"type": "string"}}
+    assert "deployments.0.upstream" in fields["description"]
+
+
+def test_request_bodies_that_refuse_unknown_fields_say_so(schema: dict[str, Any]) -> None:
+    components = schema["components"]["schemas"]
+
+    for strict in ["ApiKeyRequest", "PatchedApiKeyRequest", "KeyRotateRequest"]:
+        assert components[strict]["additionalProperties"] is False, strict
+    # These ignore unknown fields, so the schema must not claim otherwise.
+    for lenient in ["LoginRequest", "UpstreamRequest", "ModelRequest"]:
+        assert "additionalProperties" not in components[lenient], lenient
+
+
+def test_unsigned_decimals_are_documented_without_a_minus_sign(schema: dict[str, Any]) -> None:
+    budget_cost = schema["components"]["schemas"]["ApiKeyRequest"]["properties"]["budget_cost"]
+
+    assert budget_cost["pattern"].startswith("^\\d")
+
+
+def test_a_model_create_body_requires_deployments_but_a_patch_does_not(schema: dict[str, Any]) -> None:
+    components = schema["components"]["schemas"]
+
+    assert "deployments" in components["ModelRequest"]["required"]
+    assert components["ModelRequest"]["properties"]["deployments"]["minItems"] == 1
+    assert "required" not in components["PatchedModelRequest"]
+    assert "deployments" not in components["Model"].get("required", [])  # ordinary users' answers omit it
