@@ -76,6 +76,12 @@ HEADERS_TOO_LARGE = _refusal(431, "request_header_fields_too_large", "The reques
 REQUEST_TIMEOUT = _refusal(408, "request_timeout", "The request was not received in time.")
 
 
+# The base's hot-path methods, called directly (no super() object per call: this runs for every request).
+_base_data_received = HttpToolsProtocol.data_received
+_base_on_headers_complete = HttpToolsProtocol.on_headers_complete
+_base_on_message_complete = HttpToolsProtocol.on_message_complete
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """``HttpToolsProtocol`` with a header size limit and header/body deadlines (see the module docstring)."""
 
@@ -117,7 +123,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._feed_up_to_limit(data, room)
                 return
             self._header_bytes += len(data)
-        super().data_received(data)
+        _base_data_received(self, data)
         if self._upgraded:
             return
         if self._awaiting_headers:
@@ -131,7 +137,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         by then it is too large, else the rest is fed normally (a body, or a pipelined request, counted)."""
         if room > 0:
             self._header_bytes += room
-            super().data_received(data[:room])
+            _base_data_received(self, data[:room])
         if self._upgraded or self.transport.is_closing():
             return
         if self._awaiting_headers and self._header_bytes >= self._max_header_bytes:
@@ -144,7 +150,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_body = True
         if self._deadline is not None:
             self._cancel_deadline()
-        super().on_headers_complete()
+        _base_on_headers_complete(self)
 
     def on_message_complete(self) -> None:
         self._in_body = False
@@ -152,7 +158,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         if self._deadline is not None:
             self._cancel_deadline()
-        super().on_message_complete()
+        _base_on_message_complete(self)
 
     def handle_websocket_upgrade(self) -> None:
         self._upgraded = True  # the WebSocket protocol owns the transport from here
