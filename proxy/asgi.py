@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -21,7 +22,7 @@ from django.conf import settings
 from apiforge.request_id import request_id_from, request_id_var
 from gateway_stats.usage import emitter
 from proxy.core import ProxyRequest, ProxyResponse, proxy_handle
-from proxy.errors import ProxyError, not_found
+from proxy.errors import ProxyError, internal_error, not_found
 from proxy.upstream_client import upstream_session_close
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ Send = Callable[[Message], Awaitable[None]]
 PROXY_PREFIXES = ("/v1/", "/gw/")
 _KEY_HEADERS = (b"x-api-key", b"api-key")
 _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+_MAX_LENGTH_DIGITS = 19
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
@@ -68,33 +70,42 @@ async def proxy_app(scope: Scope, receive: Receive, send: Send) -> None:
         elif name in _KEY_HEADERS:
             api_key = api_key or value.strip().decode("latin-1")
         elif name == b"content-length":
-            content_length = int(value) if value.isdigit() else 0
+            if value.isdigit():
+                # More digits than any limit allows count as too large (int() refuses over 4300 digits anyway).
+                content_length = int(value) if len(value) < _MAX_LENGTH_DIGITS else sys.maxsize
+            else:
+                content_length = 0
         elif name == b"x-request-id":
             incoming_id = value
     request_id = request_id_from(incoming_id)
     token = request_id_var.set(request_id)
     try:
-        limit = settings.PROXY_MAX_BODY_BYTES
-        body = None if content_length > limit else await _read_body(receive, limit)
-        if body is None:
-            error = ProxyError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
-            response = ProxyResponse(413, error.body())
-        elif scope["path"].startswith("/gw/"):
-            response = ProxyResponse(
-                404, not_found("No gateway route matches this path.", code="route_not_found").body()
-            )
-        else:
-            request = ProxyRequest(
-                method=scope["method"],
-                path=scope["path"],
-                api_key=api_key,
-                # Behind a reverse proxy the server (uvicorn --forwarded-allow-ips) has already put the
-                # client's address here from X-Forwarded-For.
-                client_ip=scope["client"][0] if scope.get("client") else None,
-                request_id=request_id,
-                body=body,
-            )
-            response = await proxy_handle(request)
+        # proxy_handle never raises; this guards the few steps around it (inline: no extra await per request).
+        try:
+            limit = settings.PROXY_MAX_BODY_BYTES
+            body = None if content_length > limit else await _read_body(receive, limit)
+            if body is None:
+                error = ProxyError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+                response = ProxyResponse(413, error.body())
+            elif scope["path"].startswith("/gw/"):
+                response = ProxyResponse(
+                    404, not_found("No gateway route matches this path.", code="route_not_found").body()
+                )
+            else:
+                request = ProxyRequest(
+                    method=scope["method"],
+                    path=scope["path"],
+                    api_key=api_key,
+                    # Behind a reverse proxy the server (uvicorn --forwarded-allow-ips) has already put the
+                    # client's address here from X-Forwarded-For.
+                    client_ip=scope["client"][0] if scope.get("client") else None,
+                    request_id=request_id,
+                    body=body,
+                )
+                response = await proxy_handle(request)
+        except Exception:
+            logger.exception("unexpected error on the proxy path")
+            response = ProxyResponse(500, internal_error().body())
         await _send(response, request_id.encode(), receive, send)
     finally:
         request_id_var.reset(token)

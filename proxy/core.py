@@ -13,6 +13,7 @@ Hot-path rules: no ORM, no sync I/O, no per-request logging, orjson only.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -20,13 +21,24 @@ from typing import Any
 
 import aiohttp
 import orjson
+from django.db import InterfaceError, OperationalError
 
 from gateway_stats.usage import UsageRecord, usage_record_emit
 from keys.verification import KeyPolicy, KeyRefused, key_verify_async
-from proxy.catalog import Catalog, DeploymentTarget, ModelRoute, catalog_get_async
-from proxy.errors import ProxyError, bad_request, not_found, upstream_error, upstream_timeout
+from proxy.catalog import Catalog, DeploymentTarget, ModelRoute, UpstreamTarget, catalog_get_async
+from proxy.errors import (
+    ProxyError,
+    bad_request,
+    internal_error,
+    not_found,
+    service_unavailable,
+    upstream_error,
+    upstream_timeout,
+)
 from proxy.mock_backend import mock_answer, mock_stream
 from proxy.upstream_client import upstream_session
+
+logger = logging.getLogger(__name__)
 
 JSON = b"application/json"
 SSE = b"text/event-stream"
@@ -71,12 +83,32 @@ class ProxyResponse:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
-def _error_response(error: ProxyError) -> ProxyResponse:
-    return ProxyResponse(status=error.status, body=error.body())
+_DATABASE_DOWN = (OperationalError, InterfaceError)
+# Shortest presented key that is blanked out of an error message (shorter ones cannot be real secrets,
+# and blanking them would garble the message).
+_MIN_SECRET_LENGTH = 8
+
+
+def _error_response(error: ProxyError, api_key: str | None = None) -> ProxyResponse:
+    if api_key and len(api_key) >= _MIN_SECRET_LENGTH and api_key in error.message:
+        # A client-supplied value echoed in a message (a model name, a path) may carry the key itself.
+        error.message = error.message.replace(api_key, "***")
+    return ProxyResponse(status=error.status, body=error.body(), headers=list(error.headers))
+
+
+def _unexpected_error(exc: Exception) -> ProxyError:
+    """The answer for an exception no refusal accounts for: 503 for a dependency outage, else a logged 500."""
+    if isinstance(exc, _DATABASE_DOWN):
+        # The database is unreachable (or its pool exhausted: psycopg_pool's PoolTimeout reaches us as an
+        # OperationalError) and this answer needs it: a key or the catalog not in memory or the shared
+        # cache. Not logged per request: the health check and the usage records' error_code show it.
+        return service_unavailable()
+    logger.exception("unexpected error on the proxy path")
+    return internal_error()
 
 
 async def proxy_handle(request: ProxyRequest) -> ProxyResponse:
-    """Answer one proxy request; never raises for a client or upstream problem."""
+    """Answer one proxy request; never raises (an unexpected failure is an OpenAI-shaped 500 or 503)."""
     record = UsageRecord(
         request_id=request.request_id, endpoint=request.path, status=0, client_ip=request.client_ip or ""
     )
@@ -84,8 +116,12 @@ async def proxy_handle(request: ProxyRequest) -> ProxyResponse:
     try:
         response = await _dispatch(request, record, started)
     except ProxyError as error:
-        response = _error_response(error)
+        response = _error_response(error, request.api_key)
         record.error_code = error.code
+    except Exception as exc:
+        failure = _unexpected_error(exc)
+        response = _error_response(failure)
+        record.error_code = failure.code
     if response.stream is None:
         record.status = response.status
         record.latency_ms = (time.perf_counter() - started) * 1000
@@ -145,6 +181,18 @@ def _model_route(catalog: Catalog, policy: KeyPolicy, name: str) -> ModelRoute:
     return route
 
 
+# orjson.dumps refuses to nest deeper than this (orjson.loads accepts 1024): a deeper body could not be
+# forwarded, so it is refused up front, whatever the upstream kind.
+MAX_JSON_DEPTH = 254
+# Optional fields checked for their JSON type (None, i.e. null or absent, passes): a wrong type is the
+# client's 400 here rather than a crash in the mock or an upstream's 400 after a round trip.
+_INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "n")
+_NUMBER_FIELDS = ("temperature", "top_p")
+_NUMBER_TYPES = (int, float)
+# Upstream request headers that carry our credentials (Bearer tokens, Azure's api-key).
+_SECRET_HEADERS = ("authorization", "api-key", "x-api-key")
+
+
 def _parse_body(body: bytes, required: str) -> dict[str, Any]:
     if not body:
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
@@ -154,16 +202,71 @@ def _parse_body(body: bytes, required: str) -> dict[str, Any]:
         raise bad_request("The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(payload, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    # Nesting deeper than MAX_JSON_DEPTH needs more brackets than that: two C-speed counts spare the
+    # common body any walk, and only a bracket-heavy one pays for a trial encoding.
+    if len(body) > 2 * MAX_JSON_DEPTH and body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH:
+        try:
+            orjson.dumps(payload)
+        except orjson.JSONEncodeError:
+            raise _too_deep() from None
     model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        raise bad_request("'model' is required and must be a string.", param="model", code="missing_model")
+    if type(model) is not str or not model:
+        raise bad_request("'model' is required and must be a non-empty string.", param="model", code="missing_model")
     value = payload.get(required)
-    if value is None or (required == "messages" and (not isinstance(value, list) or not value)):
+    if value is None:
         raise bad_request(f"'{required}' is required.", param=required, code=f"missing_{required}")
-    stream = payload.get("stream", False)
-    if not isinstance(stream, bool):
+    if required == "messages":
+        if type(value) is not list or not value:
+            raise bad_request(
+                "'messages' must be a non-empty array of message objects.", param="messages", code="missing_messages"
+            )
+        for message in value:
+            if type(message) is not dict:
+                raise bad_request(
+                    "Each item of 'messages' must be a message object.", param="messages", code="invalid_messages"
+                )
+    elif not _is_prompt(value):
+        raise bad_request(
+            f"'{required}' must be a string, an array of strings, an array of token ids"
+            " or an array of token-id arrays.",
+            param=required,
+            code=f"invalid_{required}",
+        )
+    stream = payload.get("stream")
+    if stream is not None and type(stream) is not bool:
         raise bad_request("'stream' must be a boolean.", param="stream", code="invalid_stream")
+    options = payload.get("stream_options")
+    if options is not None and type(options) is not dict:
+        raise bad_request("'stream_options' must be an object.", param="stream_options", code="invalid_stream_options")
+    for name in _INTEGER_FIELDS:
+        number = payload.get(name)
+        if number is not None and type(number) is not int:
+            raise bad_request(f"'{name}' must be an integer.", param=name, code="invalid_type")
+    for name in _NUMBER_FIELDS:
+        number = payload.get(name)
+        if number is not None and type(number) not in _NUMBER_TYPES:
+            raise bad_request(f"'{name}' must be a number.", param=name, code="invalid_type")
     return payload
+
+
+def _too_deep() -> ProxyError:
+    return bad_request(f"The request body nests deeper than {MAX_JSON_DEPTH} levels.", code="body_too_deep")
+
+
+def _is_prompt(value: Any) -> bool:
+    """OpenAI's shapes for ``prompt`` and ``input``: a string, or a non-empty array of strings, of token ids
+    (integers) or of non-empty token-id arrays. ``type() is`` rather than isinstance: a bool is no token id."""
+    kind = type(value)
+    if kind is str:
+        return True
+    if kind is not list or not value:
+        return False
+    first = type(value[0])
+    if first is str or first is int:
+        return all(type(item) is first for item in value)
+    if first is list:
+        return all(type(item) is list and item and all(type(t) is int for t in item) for item in value)
+    return False
 
 
 async def _forward(
@@ -235,14 +338,15 @@ def _record_usage(record: UsageRecord, usage: Any) -> None:
         record.completion_tokens = completion if isinstance(completion, int) else 0
 
 
-def _upstream_failure(status: int, body: bytes, upstream: str) -> ProxyError:
+def _upstream_failure(status: int, body: bytes, upstream: UpstreamTarget) -> ProxyError:
     """The client-facing error for an upstream error answer: its message when it is safe to show."""
     message = ""
     try:
         parsed = orjson.loads(body)
         error = parsed.get("error") if isinstance(parsed, dict) else None
         if isinstance(error, dict) and isinstance(error.get("message"), str):
-            message = error["message"][:500]
+            # Some upstreams quote the credential they were sent ("Incorrect API key provided: ...").
+            message = _without_upstream_secrets(error["message"], upstream)[:500]
     except orjson.JSONDecodeError:
         pass
     # 4xx answers (bad parameters, context too long) are the client's to fix: pass them on, except
@@ -250,12 +354,26 @@ def _upstream_failure(status: int, body: bytes, upstream: str) -> ProxyError:
     if 400 <= status < 500 and status not in (401, 403, 404, 407):
         return ProxyError(status, message or f"The upstream refused the request ({status}).", code="upstream_refused")
     detail = f": {message}" if message and status not in (401, 403, 407) else ""
-    return upstream_error(f"The upstream {upstream!r} answered {status}{detail}")
+    return upstream_error(f"The upstream {upstream.name!r} answered {status}{detail}")
+
+
+def _without_upstream_secrets(message: str, upstream: UpstreamTarget) -> str:
+    """``message`` (an upstream's own error text) with our credentials for that upstream blanked out."""
+    for name in _SECRET_HEADERS:
+        value = upstream.headers.get(name)
+        if value:
+            secret = value[7:] if value[:7].lower() == "bearer " else value
+            if len(secret) >= _MIN_SECRET_LENGTH and secret in message:
+                message = message.replace(secret, "***")
+    return message
 
 
 def _upstream_body(payload: dict[str, Any], deployment: DeploymentTarget) -> bytes:
     payload["model"] = deployment.upstream_model
-    return orjson.dumps(payload)
+    try:
+        return orjson.dumps(payload)
+    except orjson.JSONEncodeError:  # _parse_body's depth check should have caught it: never a 500 for it
+        raise _too_deep() from None
 
 
 async def _call_json(
@@ -284,7 +402,7 @@ async def _call_json(
             upstream_error(f"Could not reach the upstream {upstream.name!r} ({type(exc).__name__}).")
         ) from None
     if status != 200:
-        error = _upstream_failure(status, body, upstream.name)
+        error = _upstream_failure(status, body, upstream)
         if status in RETRYABLE_STATUSES:
             raise _Retryable(error)
         raise error
@@ -332,7 +450,7 @@ async def _open_stream(
             body = b""
         finally:
             response.release()
-        error = _upstream_failure(response.status, body, upstream.name)
+        error = _upstream_failure(response.status, body, upstream)
         if response.status in RETRYABLE_STATUSES:
             raise _Retryable(error)
         raise error
@@ -420,6 +538,13 @@ async def _relay(
             record.status = error.status
             record.error_code = error.code
             yield error.sse_event()
+    except Exception:
+        # The answer has started (200 is sent): end it with an error event rather than a dropped connection.
+        logger.exception("unexpected error while relaying a stream")
+        failure = internal_error()
+        record.status = failure.status
+        record.error_code = failure.code
+        yield failure.sse_event()
     except (asyncio.CancelledError, GeneratorExit):
         record.status = 499
         record.error_code = "client_disconnected"

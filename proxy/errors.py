@@ -1,7 +1,10 @@
 """OpenAI-shaped proxy errors: ``{"error": {"message", "type", "param", "code"}}``.
 
 Every refusal on the proxy path raises ``ProxyError``; the ASGI app and the
-Django views turn it into the same JSON answer with the same status.
+Django views turn it into the same JSON answer with the same status. Anything
+else that goes wrong on the path becomes ``internal_error()`` (a bug: logged
+once with its traceback) or ``service_unavailable()`` (the database or the
+shared cache is down and the answer needs it: the client may retry).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ _TYPES = {
     405: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
+    500: "server_error",
     502: "api_error",
     503: "api_error",
     504: "timeout_error",
@@ -25,12 +29,21 @@ _TYPES = {
 class ProxyError(Exception):
     """A refusal or failure with its HTTP status and OpenAI error fields."""
 
-    def __init__(self, status: int, message: str, *, code: str, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str,
+        param: str | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.param = param
+        self.headers = headers
 
     @property
     def error_type(self) -> str:
@@ -61,3 +74,21 @@ def upstream_error(message: str) -> ProxyError:
 
 def upstream_timeout(upstream: str) -> ProxyError:
     return ProxyError(504, f"The upstream {upstream!r} did not answer in time.", code="upstream_timeout")
+
+
+# Seconds a client should wait before retrying when the database is unreachable.
+RETRY_AFTER_S = 5
+_RETRY_AFTER = ((b"retry-after", str(RETRY_AFTER_S).encode()),)
+
+
+def service_unavailable() -> ProxyError:
+    return ProxyError(
+        503,
+        "The gateway cannot reach its database or shared cache for this request; retry shortly.",
+        code="service_unavailable",
+        headers=_RETRY_AFTER,
+    )
+
+
+def internal_error() -> ProxyError:
+    return ProxyError(500, "The gateway failed to handle this request.", code="internal_error")

@@ -2,7 +2,8 @@
 
 It echoes the last user message, counts tokens as whitespace-separated words,
 and streams in several chunks, so the whole flow (keys, scopes, usage, SSE)
-can be demonstrated and tested without any upstream server.
+can be demonstrated and tested without any upstream server. Like a real
+upstream it gets only bodies ``proxy.core`` has validated (field types, depth).
 """
 
 from __future__ import annotations
@@ -87,9 +88,16 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-async def mock_stream(endpoint: str, payload: dict[str, Any], model: str) -> AsyncIterator[bytes]:
-    """The answer as Server-Sent Events, with a usage chunk (the caller strips it when not asked for)."""
-    answer = mock_answer(endpoint, payload, model)
+def mock_stream(endpoint: str, payload: dict[str, Any], model: str) -> AsyncIterator[bytes]:
+    """The answer as Server-Sent Events, with a usage chunk (the caller strips it when not asked for).
+
+    The answer is made here, before the caller sends a status: a payload the mock cannot answer fails
+    while the proxy can still say so, not after a 200 as a dropped connection.
+    """
+    return _events(endpoint, mock_answer(endpoint, payload, model), model)
+
+
+async def _events(endpoint: str, answer: dict[str, Any], model: str) -> AsyncIterator[bytes]:
     usage = answer["usage"]
     base = {"id": answer["id"], "created": answer["created"], "model": model}
     if endpoint == "completions":

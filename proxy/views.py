@@ -49,4 +49,11 @@ async def openai_proxy(request: HttpRequest, path: str) -> HttpResponse | Stream
         streaming["Cache-Control"] = "no-cache"
         streaming["X-Accel-Buffering"] = "no"
         return streaming
-    return HttpResponse(response.body, status=response.status, content_type=response.content_type.decode())
+    answer = HttpResponse(response.body, status=response.status, content_type=response.content_type.decode())
+    for name, value in response.headers:
+        answer[name.decode("latin-1")] = value.decode("latin-1")
+    if answer.status_code >= 500:
+        # proxy_handle has logged what deserves it (an unexpected error, once); keep django.request from adding
+        # an ERROR line for every upstream failure or outage, so both paths log alike.
+        answer._has_been_logged = True  # type: ignore[attr-defined]
+    return answer

@@ -6,6 +6,7 @@ lean app) and through Django's test client (``proxy/views.py`` behind Django's r
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -14,9 +15,10 @@ import httpx
 import orjson
 import pytest
 from asgiref.sync import async_to_sync
-from django.test import Client
+from django.test import AsyncClient
 from django.utils import timezone
 
+from proxy.upstream_client import upstream_session_close
 from tests.proxy.helpers import key_make, model_make, upstream_make
 
 
@@ -46,16 +48,24 @@ class LeanTransport(Transport):
 
 class DjangoTransport(Transport):
     def __init__(self) -> None:
-        self.client = Client()
+        self.client = AsyncClient()
 
     def request(self, method, path, *, body=b"", headers=None):
-        response = self.client.generic(method, path, data=body, content_type="application/json", headers=headers or {})
-        content = async_to_sync(_collect)(response.streaming_content) if response.streaming else response.content
+        return async_to_sync(self._request)(method, path, body, headers or {})
+
+    async def _request(self, method, path, body, headers):
+        try:
+            response = await self.client.generic(
+                method, path, data=body, content_type="application/json", headers=headers
+            )
+            if response.streaming:
+                content = b"".join([chunk async for chunk in response.streaming_content])
+            else:
+                content = response.content
+        finally:
+            # The upstream pool belongs to this event loop, which ends with the call: close it with it.
+            await upstream_session_close()
         return Answer(response.status_code, {k.lower(): v for k, v in response.items()}, content)
-
-
-async def _collect(chunks) -> bytes:
-    return b"".join([chunk async for chunk in chunks])
 
 
 @pytest.fixture(params=["lean", "django"])
@@ -224,3 +234,201 @@ def test_model_without_an_active_deployment_is_503(via, demo):
     catalog_invalidate()
     answer = via.request("POST", "/v1/chat/completions", body=CHAT, headers=bearer(demo))
     assert_openai_error(answer, 503, "no_healthy_upstream")
+
+
+# --- Issue 8: bodies no upstream could be sent, field types, unexpected failures, secrets in messages ---
+
+DEEP = 300  # orjson.loads accepts it (up to 1024 levels), orjson.dumps refuses it (over 254)
+
+
+def deep_chat(depth: int, *, stream: bool = False) -> bytes:
+    content = b"[" * depth + b"]" * depth
+    return b'{"model":"demo","stream":%s,"messages":[{"role":"user","content":%s}]}' % (
+        b"true" if stream else b"false",
+        content,
+    )
+
+
+@pytest.fixture
+def on_fake_upstream(demo, fake_upstream):
+    """The model ``demo`` moved to a real HTTP upstream (the fake), so the proxy re-encodes and forwards bodies."""
+    from proxy.catalog import catalog_invalidate
+    from proxy.models import Deployment
+
+    upstream = upstream_make(name="fake", base_url=fake_upstream.base_url, api_key="sk-upstream-secret-0123456789")
+    Deployment.objects.filter(model__name="demo").update(upstream=upstream)
+    catalog_invalidate()
+    return fake_upstream
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_body_nested_deeper_than_can_be_forwarded_is_400_before_reaching_the_upstream(
+    via, on_fake_upstream, demo, usage, stream
+):
+    answer = via.request("POST", "/v1/chat/completions", body=deep_chat(DEEP, stream=stream), headers=bearer(demo))
+    assert_openai_error(answer, 400, "body_too_deep")
+    assert on_fake_upstream.requests == []
+    [record] = usage.flushed()
+    assert (record.status, record.error_code) == (400, "body_too_deep")
+
+
+def test_deep_body_is_400_on_the_mock_upstream_too_and_the_deepest_encodable_one_is_served(via, demo):
+    assert_openai_error(
+        via.request("POST", "/v1/chat/completions", body=deep_chat(DEEP), headers=bearer(demo)), 400, "body_too_deep"
+    )
+    # Two levels (the body object and the messages array) plus the message object sit above the content.
+    answer = via.request("POST", "/v1/chat/completions", body=deep_chat(254 - 3), headers=bearer(demo))
+    assert answer.status == 200, answer.body
+
+
+# One test each, looping over the cases: every case through both paths, without a live server per case.
+BAD_PROMPTS = [5, True, 1.5, {}, [], [True], [1.5], ["a", 1], [1, "a"], [[1, "a"]], [[]], [[True]]]
+GOOD_PROMPTS = ["hi there", "", ["a", "b"], [1, 2, 3], [[1, 2], [3]]]
+
+
+def test_completions_prompt_of_a_type_openai_refuses_is_400_naming_prompt(via, demo):
+    for stream in (False, True):
+        for prompt in BAD_PROMPTS:
+            body = orjson.dumps({"model": "demo", "prompt": prompt, "stream": stream})
+            answer = via.request("POST", "/v1/completions", body=body, headers=bearer(demo))
+            error = assert_openai_error(answer, 400, "invalid_prompt")
+            assert error["param"] == "prompt", (prompt, stream)
+
+
+def test_completions_accept_every_prompt_shape_openai_does(via, demo):
+    for stream in (False, True):
+        for prompt in GOOD_PROMPTS:
+            body = orjson.dumps({"model": "demo", "prompt": prompt, "stream": stream})
+            answer = via.request("POST", "/v1/completions", body=body, headers=bearer(demo))
+            assert answer.status == 200, (prompt, stream, answer.body)
+            if stream:
+                assert answer.body.endswith(b"data: [DONE]\n\n")
+            else:
+                assert answer.json()["choices"][0]["text"].startswith("echo:")
+
+
+WRONG_TYPES = [
+    ("/v1/chat/completions", {"model": ""}, "model"),
+    ("/v1/chat/completions", {"model": ["demo"]}, "model"),
+    ("/v1/chat/completions", {"messages": "hi"}, "messages"),
+    ("/v1/chat/completions", {"messages": [1]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}, "hi"]}, "messages"),
+    ("/v1/chat/completions", {"stream": 1}, "stream"),
+    ("/v1/chat/completions", {"stream_options": "usage"}, "stream_options"),
+    ("/v1/chat/completions", {"stream_options": [True]}, "stream_options"),
+    ("/v1/chat/completions", {"max_tokens": "5"}, "max_tokens"),
+    ("/v1/chat/completions", {"max_tokens": 1.5}, "max_tokens"),
+    ("/v1/chat/completions", {"max_tokens": True}, "max_tokens"),
+    ("/v1/chat/completions", {"n": 2.0}, "n"),
+    ("/v1/chat/completions", {"temperature": "0.5"}, "temperature"),
+    ("/v1/chat/completions", {"temperature": True}, "temperature"),
+    ("/v1/chat/completions", {"top_p": [1]}, "top_p"),
+    ("/v1/completions", {"max_tokens": "16"}, "max_tokens"),
+    ("/v1/embeddings", {"input": {"text": "hi"}}, "input"),
+    ("/v1/embeddings", {"input": [True]}, "input"),
+    ("/v1/embeddings", {"input": 3}, "input"),
+    ("/v1/embeddings", {"input": []}, "input"),
+]
+BASE_BODIES: dict[str, dict[str, Any]] = {
+    "/v1/chat/completions": {"model": "demo", "messages": [{"role": "user", "content": "hi"}]},
+    "/v1/completions": {"model": "demo", "prompt": "hi"},
+    "/v1/embeddings": {"model": "demo", "input": "hi"},
+}
+
+
+def test_fields_of_the_wrong_type_are_400_naming_the_field(via, demo):
+    for path, fields, param in WRONG_TYPES:
+        answer = via.request("POST", path, body=orjson.dumps({**BASE_BODIES[path], **fields}), headers=bearer(demo))
+        assert answer.status == 400, (path, fields, answer.body)
+        error = answer.json()["error"]
+        assert (error["param"], error["type"]) == (param, "invalid_request_error"), (path, fields)
+
+
+def test_optional_fields_of_the_right_type_or_null_are_accepted(via, demo):
+    body = orjson.dumps(
+        {
+            "model": "demo",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 5,
+            "n": 1,
+            "temperature": 0,
+            "top_p": 0.5,
+            "stream": None,
+            "stream_options": None,
+        }
+    )
+    assert via.request("POST", "/v1/chat/completions", body=body, headers=bearer(demo)).status == 200
+    for value in (["a", "b"], [1, 2], [[1], [2, 3]]):
+        body = orjson.dumps({"model": "demo", "input": value})
+        assert via.request("POST", "/v1/embeddings", body=body, headers=bearer(demo)).status == 200
+
+
+def _error_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.expect_error_log
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_unexpected_exception_is_an_openai_shaped_500_logged_once_with_a_usage_record(
+    via, demo, usage, monkeypatch, caplog, stream
+):
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in the mock")
+
+    monkeypatch.setattr("proxy.core.mock_answer", broken)
+    monkeypatch.setattr("proxy.mock_backend.mock_answer", broken)
+    body = orjson.dumps({"model": "demo", "messages": [{"role": "user", "content": "hi"}], "stream": stream})
+    answer = via.request("POST", "/v1/chat/completions", body=body, headers=bearer(demo))
+    error = assert_openai_error(answer, 500, "internal_error")
+    assert error["type"] == "server_error"
+    assert "bug" not in error["message"], "no internals in the answer"
+    [record] = usage.flushed()
+    assert (record.status, record.error_code) == (500, "internal_error")
+    [line] = _error_lines(caplog)
+    assert line.exc_info is not None
+    assert line.exc_info[0] is RuntimeError
+
+
+@pytest.mark.expect_error_log
+def test_unexpected_exception_mid_stream_ends_it_with_an_error_event_not_a_dropped_connection(
+    via, demo, usage, monkeypatch, caplog
+):
+    async def broken_events(*args: Any, **kwargs: Any) -> Any:
+        yield b'data: {"choices":[]}\n\n'
+        raise RuntimeError("a bug mid-stream")
+
+    monkeypatch.setattr("proxy.mock_backend._events", broken_events)
+    answer = via.request("POST", "/v1/chat/completions", body=deep_chat(1, stream=True), headers=bearer(demo))
+    assert answer.status == 200
+    last = [e for e in answer.body.split(b"\n\n") if e][-1]
+    assert orjson.loads(last[6:])["error"]["code"] == "internal_error"
+    [record] = usage.flushed()
+    assert (record.status, record.error_code) == (500, "internal_error")
+    assert len(_error_lines(caplog)) == 1
+
+
+def test_error_messages_never_echo_the_presented_key(via, demo):
+    secret = demo.secret
+    for body in (
+        orjson.dumps({"model": secret, "messages": [{"role": "user", "content": "hi"}]}),
+        orjson.dumps({"model": f"x{secret}x", "messages": [{"role": "user", "content": "hi"}]}),
+    ):
+        answer = via.request("POST", "/v1/chat/completions", body=body, headers=bearer(demo))
+        assert answer.status == 404
+        assert secret.encode() not in answer.body
+    answer = via.request("GET", f"/v1/models/{secret}", headers=bearer(demo))
+    assert answer.status == 404
+    assert secret.encode() not in answer.body
+    wrong = secret[:-4] + "zzzz"
+    answer = via.request("POST", "/v1/chat/completions", body=CHAT, headers={"Authorization": f"Bearer {wrong}"})
+    assert answer.status == 401
+    assert wrong.encode() not in answer.body
+
+
+def test_upstream_error_quoting_our_upstream_credential_does_not_reach_the_client(via, on_fake_upstream, demo):
+    quoted = "Incorrect API key provided: sk-upstream-secret-0123456789. Check your key."
+    on_fake_upstream.fail_next(1, status=400, body={"error": {"message": quoted, "type": "x", "code": None}})
+    answer = via.request("POST", "/v1/chat/completions", body=CHAT, headers=bearer(demo))
+    error = assert_openai_error(answer, 400, "upstream_refused")
+    assert b"sk-upstream-secret" not in answer.body
+    assert error["message"].startswith("Incorrect API key provided: ***")
