@@ -1,4 +1,4 @@
-"""Suite-wide fixtures: unexpected ERROR logs fail a test; Redis keys of the run are removed."""
+"""Suite-wide fixtures: unexpected ERROR logs and leaked secrets fail a test; Redis keys of the run are removed."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from django.core.cache import cache
 from apiforge.local_cache import local_caches_clear
 from gateway_stats.usage import emitter
 from keys.services import key_usage_forget
+
+# The secret-leak check (every test): see its module docstring.
+pytest_plugins = ["tests.secret_leaks"]
 
 
 class _ErrorCollector(logging.Handler):

@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from django.core.cache import cache
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection, connections
@@ -243,16 +244,21 @@ def test_an_edit_is_seen_at_once_by_the_writing_process(run_on_commit):
     assert key_verify(key.secret, None).rpm_limit == 2
 
 
-def test_nothing_changes_in_the_cache_before_the_write_commits(django_capture_on_commit_callbacks):
+def test_a_write_publishes_its_invalidation_before_and_after_it_commits(django_capture_on_commit_callbacks):
+    """Before: so an unreachable cache fails the write instead of losing it. After: so a worker that re-read the
+    old row in between drops it again."""
     key = ApiKeyFactory()
     key_verify(key.secret, None)
+    generation_key = "gen:keys"
+    before = cache.get(generation_key)
 
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
         key_disable(key=key)
 
+    assert cache.get(generation_key) == before + 1
     assert len(callbacks) == 1
-    assert key_verify(key.secret, None).key_id == key.pk  # not committed yet: still the old verdict
     callbacks[0]()
+    assert cache.get(generation_key) == before + 2
     assert _reason(key_verify, key.secret) == "inactive"
 
 
