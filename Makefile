@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements/*.txt | sha1sum | cut -c1-12)
 
-.PHONY: run serve test lint typecheck bench bench-micro worker beat clean
+.PHONY: run serve test lint typecheck bench bench-micro worker beat clean fuzz
 
 $(STAMP): requirements/base.txt requirements/prod.txt requirements/dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,3 +67,7 @@ bench-micro: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .coverage staticfiles
+
+# Schemathesis against /api/schema/ with far more cases than `make test` runs (FUZZ_EXAMPLES per operation and mode).
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-200} APP_ENV=test $(BIN)/pytest tests/platform/test_schema_fuzz.py -q

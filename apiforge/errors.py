@@ -156,13 +156,13 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
         request = context.get("request")
         unavailable_log(getattr(request, "path", "?"), exc, unavailable[1])
         set_rollback()
-        response = Response(
+        busy = Response(
             {"detail": unavailable[0], "code": unavailable[1]},
             status=status.HTTP_503_SERVICE_UNAVAILABLE,
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )
-        response._has_been_logged = True  # type: ignore[attr-defined]  # logged above, as a warning
-        return response
+        busy._has_been_logged = True  # type: ignore[attr-defined]  # logged above, as a warning
+        return busy
     exc = _as_api_exception(exc)
     response = exception_handler(exc, context)
     if response is None or not isinstance(exc, exceptions.APIException):

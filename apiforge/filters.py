@@ -1,9 +1,10 @@
 """Filtering of the management API's lists: a stricter django-filter backend, and an id filter.
 
-django-filter reads ``?is_active=maybe`` or ``?owner=`` as "no filter" and answers the
-unfiltered list; the schema says the parameter is a boolean or a number, so such a value is a
-400 naming the parameter. ``IdFilter`` filters on an integer id (``NumberFilter`` takes
-decimals, up to 1e50, and the schema would call it a number).
+django-filter reads ``?is_active=maybe`` as "no filter" and answers the unfiltered list; the
+schema says the parameter is a boolean, so such a value is a 400 naming the parameter (an empty
+value is no filter, as the schema says). ``IdFilter`` filters on an integer id (``NumberFilter``
+takes decimals, up to 1e50, and the schema would call it a number). A query parameter given
+twice (``?search=a&search=b``) is a 400 too.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ class StrictDjangoFilterBackend(DjangoFilterBackend):
         filterset = super().get_filterset(request, queryset, view)
         if filterset is None:
             return None
-        errors: dict[str, list[str]] = {}
+        # Every query parameter of the API takes one value: which of several would count is anyone's guess.
+        errors: dict[str, list[str]] = {
+            name: ["Give this parameter once."] for name, values in request.query_params.lists() if len(values) > 1
+        }
         for name, field in filterset.filters.items():
             values = request.query_params.getlist(name)
-            if isinstance(field, BooleanFilter) and any(value not in BOOLEAN_VALUES for value in values):
+            # An empty value is no filter (``?is_active=``), as for every query parameter (see apiforge/schema.py).
+            if isinstance(field, BooleanFilter) and any(value and value not in BOOLEAN_VALUES for value in values):
                 errors[name] = ["Must be true or false."]
-            elif isinstance(field, NumberFilter) and any(not value for value in values):
-                errors[name] = ["A number is required."]  # django-filter would ignore the empty value
         if errors:
             raise serializers.ValidationError(errors)
         return filterset

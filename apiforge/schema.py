@@ -16,6 +16,9 @@ Request bodies of serializers that refuse unknown fields (``refuses_unknown_fiel
 e.g. ``keys.apis.StrictFieldsMixin``) get ``additionalProperties: false``. Decimal fields with
 ``min_value >= 0`` (sent as strings, whose minimum JSON Schema cannot state) get a pattern without
 the minus sign, and lists that may not be empty (``allow_empty=False``) ``minItems: 1``.
+
+Query parameters get ``allowEmptyValue: true``: DRF's pagination, search and ordering and
+django-filter read ``?page=`` or ``?kind=`` as the parameter's absence.
 """
 
 from __future__ import annotations
@@ -121,9 +124,11 @@ def _constraints(schema: dict[str, Any], serializer: Any) -> None:
         field = fields.get(name)
         min_value = getattr(field, "min_value", None)
         pattern = prop.get("pattern", "")
-        if isinstance(field, serializers.DecimalField) and min_value is not None and min_value >= 0:
-            if pattern.startswith("^-?"):
-                prop["pattern"] = "^" + pattern.removeprefix("^-?")
+        if isinstance(field, serializers.DecimalField) and pattern and field.max_whole_digits:
+            # drf-spectacular's pattern also admits "" and "." (all its parts are optional), which DRF refuses.
+            sign = "" if min_value is not None and min_value >= 0 else "-?"
+            whole, places = field.max_whole_digits, field.decimal_places
+            prop["pattern"] = rf"^{sign}(?:\d{{1,{whole}}}(?:\.\d{{0,{places}}})?|\.\d{{1,{places}}})$"
         if (
             isinstance(field, serializers.ListSerializer | serializers.ListField)
             and not field.allow_empty
@@ -141,6 +146,9 @@ def error_responses_and_strict_bodies(result: dict[str, Any], generator: Any, **
         for method, operation in item.items():
             if method not in _METHODS:
                 continue
+            for parameter in operation.get("parameters", []):
+                if parameter.get("in") == "query":
+                    parameter.setdefault("allowEmptyValue", True)
             responses = operation.setdefault("responses", {})
             for status in _statuses(path, method, operation, views.get((path, method))):
                 responses.setdefault(status, _error_response(status))

@@ -293,3 +293,40 @@ def test_nested_validation_errors_are_flattened_to_dotted_paths() -> None:
     fields = _json(response)["fields"]
     assert list(fields) == ["deployments.0.upstream"]
     assert all(isinstance(message, str) for message in fields["deployments.0.upstream"])
+
+
+@pytest.mark.parametrize("query", ["is_active=maybe", "revoked=1"])
+def test_a_boolean_filter_value_that_is_not_true_or_false_is_a_400_not_ignored(query: str) -> None:
+    api = APIClient()
+    api.force_authenticate(UserFactory())
+
+    response = api.get(f"/api/keys/?{query}")
+
+    assert response.status_code == 400
+    name = query.split("=")[0]
+    assert _json(response)["fields"] == {name: ["Must be true or false."]}
+
+
+def test_an_empty_filter_value_is_no_filter() -> None:
+    api = APIClient()
+    api.force_authenticate(UserFactory())
+
+    assert api.get("/api/keys/?is_active=&owner=&page=").status_code == 200
+
+
+def test_an_owner_filter_takes_only_whole_numbers() -> None:
+    api = APIClient()
+    api.force_authenticate(UserFactory(superuser=True))
+
+    assert api.get("/api/keys/?owner=1.5").status_code == 400
+    assert api.get("/api/keys/?owner=1").status_code == 200
+
+
+def test_a_query_parameter_given_twice_is_a_400() -> None:
+    api = APIClient()
+    api.force_authenticate(UserFactory())
+
+    response = api.get("/api/keys/?search=a&search=b")
+
+    assert response.status_code == 400
+    assert _json(response)["fields"] == {"search": ["Give this parameter once."]}
