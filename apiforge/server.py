@@ -127,7 +127,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._upgraded:
             return
         if self._awaiting_headers:
-            if self._deadline is None and self._header_bytes:  # a request has begun: its head has a deadline
+            # A request has begun: its head has a deadline. So has a connection whose last answer went out before
+            # its request's body ended (uvicorn's keep-alive timer is off then): what followed the body, if
+            # anything, was not counted, and may be the start of a head.
+            if self._deadline is None and (
+                self._header_bytes
+                or (self.cycle is not None and self.cycle.response_complete and self.timeout_keep_alive_task is None)
+            ):
                 self._deadline = self.loop.call_later(self._header_timeout_s, self._header_deadline)
         elif self._in_body and self._deadline is None:
             self._deadline = self.loop.call_later(self._body_timeout_s, self._body_deadline)
@@ -177,7 +183,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._upgraded or self.transport.is_closing() or not self._awaiting_headers:
             return
         if self._header_bytes == 0 and (self.cycle is None or self.cycle.response_complete):
-            self.transport.close()  # nothing sent at all (an idle new connection): nothing to answer
+            self.transport.close()  # nothing (counted) was sent, e.g. an idle new connection: nothing to answer
             return
         self._refuse(REQUEST_TIMEOUT)
 

@@ -66,7 +66,7 @@ def _free_port() -> int:
 
 
 def _server_env(tmp: Path) -> dict[str, str]:
-    skip = ("DATABASE_", "REDIS_", "CELERY_", "FORWARDED_ALLOW_IPS", "MAX_REQUEST_", "REQUEST_")
+    skip = ("DATABASE_", "REDIS_", "CELERY_", "FORWARDED_ALLOW_IPS", "MAX_REQUEST_", "REQUEST_", "PROXY_")
     env = {key: value for key, value in os.environ.items() if not key.startswith(skip)}
     env.update(
         APP_ENV="production",
@@ -80,6 +80,7 @@ def _server_env(tmp: Path) -> dict[str, str]:
         PYTHONDONTWRITEBYTECODE="1",
         REQUEST_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S),
         REQUEST_BODY_TIMEOUT_S=str(BODY_TIMEOUT_S),
+        PROXY_MAX_BODY_BYTES="4096",  # so a small body is "too large" for the proxy: answered before it is read
     )
     return env
 
@@ -265,6 +266,22 @@ def test_a_client_that_stops_in_its_body_is_cut_off(server: Server) -> None:
 
     assert closed, f"the connection was still open {WAIT_S} s later (body timeout {BODY_TIMEOUT_S} s)"
     assert received == b"" or received.startswith(b"HTTP/1.1 408 "), received[:200]
+
+
+def test_a_head_started_after_an_early_answer_has_a_deadline_too(server: Server) -> None:
+    """The proxy refuses an oversized body before reading it (413): the body, the start of another request's
+    head, then silence, must not hold the connection (uvicorn's keep-alive timer is off at that point)."""
+    with _connect(server.port) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 8192\r\n\r\n"
+        )
+        status, _, _ = _read_response(sock)
+        assert status == 413
+        sock.sendall(b"x" * 8192 + b"GET /health HTTP/1.1\r\n")
+        closed, _ = _closed_within(sock, WAIT_S + HEADER_TIMEOUT_S)
+
+    assert closed
 
 
 def test_a_request_within_the_deadlines_is_served_normally(server: Server) -> None:
