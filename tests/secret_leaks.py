@@ -5,7 +5,8 @@ What counts as a secret:
 - passwords, as ``set_password`` and ``check_password`` see them (wrong guesses included);
 - upstream API keys and extra-header values, as they are written to the encrypted fields.
 
-What is searched: every log record emitted during the test (message and traceback), and every answer body
+What is searched: every log record emitted during the test (message and traceback; not the lines the tests'
+own HTTP clients log about the requests they send), and every answer body
 the application sends: Django's (``BaseHandler.get_response``/``get_response_async``) and the lean proxy
 path's (``proxy.asgi._send``, streams included). The spies only read; behaviour is unchanged.
 
@@ -28,6 +29,9 @@ import pytest
 
 API_KEY_SHAPE = re.compile(rb"afk-[A-Za-z0-9_-]{43}")
 JWT_SHAPE = re.compile(rb"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}")
+# The tests' own HTTP clients log the requests the tests make (a test that puts a key in a URL on purpose, to
+# see it is not echoed, would find it there): what they log is the test's, not the application's.
+CLIENT_LOGGERS = frozenset({"httpx", "httpcore", "openai"})
 MIN_SECRET_LENGTH = 8  # shorter "secrets" (test passwords like "x") would match ordinary text
 
 
@@ -80,6 +84,8 @@ class _LogScanner(logging.Handler):
         super().__init__(level=logging.DEBUG)
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.name.split(".", 1)[0] in CLIENT_LOGGERS:
+            return
         try:
             text = record.getMessage()
         except Exception:  # a malformed record is not ours to judge here
