@@ -1,7 +1,7 @@
 """Run an ASGI application under uvicorn in a background thread of the test process.
 
-``LiveServer(app, host, port)`` serves ``app`` the way production does (uvloop,
-httptools, lifespan on) on a real socket, so tests can talk to it with any HTTP
+``LiveServer(app, host, port)`` serves ``app`` the way production does (uvloop, httptools with
+``apiforge.server``'s request limits, lifespan on) on a real socket, so tests can talk to it with any HTTP
 client (the official ``openai`` package included). ``port=0`` picks a free port;
 ``base_url`` is known after ``start()``. Start and stop waits are bounded.
 """
@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 import uvicorn
+
+from apiforge.server import GuardedHttpToolsProtocol
 
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
@@ -49,17 +51,17 @@ class LiveServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.app,
-            loop="uvloop",
-            http="httptools",
-            lifespan="on",
-            access_log=False,
-            log_level="warning",
-            log_config=None,  # leave the test process's logging alone (errors still reach the root logger)
-            timeout_graceful_shutdown=3,
+        options: dict[str, Any] = {
+            "loop": "uvloop",
+            "http": GuardedHttpToolsProtocol,  # what `make serve` runs: httptools with request limits
+            "lifespan": "on",
+            "access_log": False,
+            "log_level": "warning",
+            "log_config": None,  # leave the test process's logging alone (errors still reach the root logger)
+            "timeout_graceful_shutdown": 3,
             **self._config_overrides,
-        )
+        }
+        config = uvicorn.Config(self.app, **options)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, args=(sock,), name=f"live-server-{self.port}", daemon=True)
         self._thread.start()

@@ -92,8 +92,38 @@ class Server:
     log: Path
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+@pytest.fixture(scope="module", params=["make-serve", "in-process"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The server under test: ``make serve``'s command line in a subprocess, and the same protocol in a
+    thread of this process (where line coverage is measured, and where no keys are seeded)."""
+    if request.param == "in-process":
+        yield from _in_process_server()
+        return
+    yield from _make_serve_server(tmp_path_factory)
+
+
+def _in_process_server() -> Iterator[Server]:
+    from django.test import override_settings
+
+    from apiforge.asgi import application
+    from apiforge.server import server_limits
+    from tests.live_server import LiveServer
+
+    limits = override_settings(
+        REQUEST_HEADER_TIMEOUT_S=HEADER_TIMEOUT_S, REQUEST_BODY_TIMEOUT_S=BODY_TIMEOUT_S, PROXY_MAX_BODY_BYTES=4096
+    )
+    limits.enable()
+    server_limits.cache_clear()  # read again, at the first connection, from the settings above
+    live = LiveServer(application).start()  # GuardedHttpToolsProtocol, as make serve runs it
+    try:
+        yield Server(live.port, {}, Path(os.devnull))
+    finally:
+        live.stop()
+        limits.disable()
+        server_limits.cache_clear()
+
+
+def _make_serve_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("server-limits")
     env = _server_env(tmp)
     seeded = subprocess.run(
@@ -307,6 +337,8 @@ def _models(server: Server, key: str) -> tuple[int, bytes]:
 
 
 def test_x_forwarded_for_from_localhost_is_ignored_by_default(server: Server) -> None:
+    if not server.keys:
+        pytest.skip("keys are seeded for the make-serve server only")
     far_status, far_body = _models(server, server.keys["far"])
     local_status, local_body = _models(server, server.keys["local"])
 
