@@ -8,7 +8,10 @@ client (the official ``openai`` package included). ``port=0`` picks a free port;
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -142,3 +145,15 @@ def live_gateway(transactional_db: None, live_server_factory: Callable[[Any], Li
     from apiforge.asgi import application  # imported late: Django must be set up, and proxy.asgi may change
 
     return live_server_factory(application)
+
+
+def process_group_stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the server's process group (the uvicorn supervisor and its workers); SIGKILL after 15 s."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(5)

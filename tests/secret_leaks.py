@@ -180,18 +180,17 @@ def pytest_configure(config: pytest.Config) -> None:
     ledger.credential(DEFAULT_PASSWORD, "password")  # the factories hash it without set_password
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _scan_logs() -> Iterator[None]:
-    # Added here, not at configure time: Django's LOGGING (dictConfig) replaces the root handlers at setup.
-    scanner = _LogScanner()
-    logging.getLogger().addHandler(scanner)
-    yield
-    logging.getLogger().removeHandler(scanner)
+_scanner = _LogScanner()
 
 
 @pytest.fixture(autouse=True)
 def no_secret_leaks() -> Iterator[None]:
     """Fails the test if, while it ran, a secret reached a log line or an answer it must not be in."""
+    # Attached per test, not once: Django's LOGGING (dictConfig), which some tests apply again, replaces the
+    # root logger's handlers.
+    root = logging.getLogger()
+    if _scanner not in root.handlers:
+        root.addHandler(_scanner)
     start = len(ledger.hits)
     yield
     new = ledger.hits[start:]

@@ -13,7 +13,6 @@ import importlib.util
 import os
 import re
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.live_server import process_group_stop
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -370,20 +371,8 @@ def test_image_cmd_serves_health_with_several_workers_and_the_healthcheck_passes
             time.sleep(0.2)
         assert healthy, log.read_text()
     finally:
-        _stop_group(server)
+        process_group_stop(server)
     assert server.returncode == 0, log.read_text()  # a clean SIGTERM shutdown, as `docker stop` sends
-
-
-def _stop_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's process group (the uvicorn supervisor and its workers); SIGKILL after 15 s."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(15)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(5)
 
 
 # --- nginx.conf ---

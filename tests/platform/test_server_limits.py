@@ -12,7 +12,6 @@ import json
 import os
 import re
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.live_server import process_group_stop
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -151,13 +152,7 @@ def _make_serve_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
             time.sleep(0.2)
         yield Server(port, keys, log)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(5)
+        process_group_stop(process)
 
 
 # --- raw HTTP/1.1 over a socket ---
