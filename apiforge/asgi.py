@@ -1,10 +1,10 @@
 """ASGI entry point: ``apiforge.asgi:application``.
 
 One seam decides which requests take the lean proxy path: HTTP requests under
-``/v1/`` and ``/gw/`` go to ``proxy.asgi.ProxyApp`` (no Django request cycle:
+``/v1/`` and ``/gw/`` go to ``proxy.asgi.proxy_app`` (no Django request cycle:
 key and model lookups come from in-process caches), everything else to
-Django. WebSockets go to Channels consumers; lifespan events open and close the
-proxy's pooled HTTP client.
+Django. WebSockets go to Channels consumers; lifespan events run each app's
+start and stop hooks (``apiforge/lifespan.py``).
 """
 
 import os
@@ -19,8 +19,9 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 
+from apiforge.lifespan import lifespan  # noqa: E402
 from apiforge.routing import websocket_urlpatterns  # noqa: E402
-from proxy.asgi import ProxyDispatcher, proxy_lifespan  # noqa: E402
+from proxy.asgi import ProxyDispatcher  # noqa: E402
 
 http_app = ProxyDispatcher(django_asgi_app) if settings.PROXY_LEAN_ASGI else django_asgi_app
 
@@ -28,6 +29,6 @@ application = ProtocolTypeRouter(
     {
         "http": http_app,
         "websocket": AuthMiddlewareStack(URLRouter(websocket_urlpatterns)),
-        "lifespan": proxy_lifespan,
+        "lifespan": lifespan,
     }
 )

@@ -18,6 +18,7 @@ urlpatterns = [
     path("health", health.health, name="health"),
     path("health/ready", health.health_ready, name="health-ready"),
     path("v1/", include("proxy.openai_urls")),
+    path("gw/", include("proxy.openai_urls")),
 ]
 
 # Development (DEBUG) only: static files (admin, Swagger UI/ReDoc from the sidecar) for `make run`'s uvicorn.

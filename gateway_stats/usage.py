@@ -1,6 +1,6 @@
-"""Usage records: what every proxied call cost, handed off without blocking the answer.
+"""Usage events: what every proxied call cost, handed off without blocking the answer.
 
-``usage_record_emit(record)`` appends to an in-process deque (O(1), no I/O, no
+``usage_event_emit(event)`` appends to an in-process deque (O(1), no I/O, no
 lock contention worth the name). A daemon thread drains it every
 ``USAGE_FLUSH_INTERVAL_S`` (or sooner when a batch fills) and hands each batch to
 the registered sinks; it also writes the keys' ``last_used_at`` (at most once a
@@ -27,7 +27,7 @@ _THOUSAND = Decimal(1000)
 
 
 @dataclass(slots=True)
-class UsageRecord:
+class UsageEvent:
     """One proxied call. Prices ride along so the cost is computed off the request path."""
 
     request_id: str
@@ -61,10 +61,10 @@ class UsageRecord:
         ) / _THOUSAND
 
 
-Sink = Callable[[list[UsageRecord]], None]
+Sink = Callable[[list[UsageEvent]], None]
 
 
-def _log_sink(batch: list[UsageRecord]) -> None:
+def _log_sink(batch: list[UsageEvent]) -> None:
     if logger.isEnabledFor(logging.DEBUG):
         for record in batch:
             logger.debug(
@@ -80,7 +80,7 @@ def _log_sink(batch: list[UsageRecord]) -> None:
             )
 
 
-def _touch_keys_sink(batch: list[UsageRecord]) -> None:
+def _touch_keys_sink(batch: list[UsageEvent]) -> None:
     """Keys' ``last_used_at``: noted per record, written at most once a minute per key."""
     from keys.services import key_usage_flush
     from keys.verification import key_usage_touch
@@ -101,14 +101,14 @@ class UsageEmitter:
         self.flush_interval = flush_interval
         self.max_batch = max_batch
         self.sinks: list[Sink] = [_log_sink, _touch_keys_sink]
-        self._queue: deque[UsageRecord] = deque(maxlen=max_queue)
+        self._queue: deque[UsageEvent] = deque(maxlen=max_queue)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._flush_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid = 0
 
-    def emit(self, record: UsageRecord) -> None:
+    def emit(self, record: UsageEvent) -> None:
         self._queue.append(record)
         if self._thread is None or not self._thread.is_alive():
             self._start()
@@ -155,6 +155,6 @@ class UsageEmitter:
 emitter = UsageEmitter()
 
 
-def usage_record_emit(record: UsageRecord) -> None:
-    """Hand one usage record off the request path. Never blocks, never raises."""
-    emitter.emit(record)
+def usage_event_emit(event: UsageEvent) -> None:
+    """Hand one usage event off the request path. Never blocks, never raises."""
+    emitter.emit(event)

@@ -52,7 +52,7 @@ class DeploymentTarget:
 
 
 @dataclass(frozen=True, slots=True)
-class ModelRoute:
+class ModelTarget:
     name: str
     deployments: tuple[DeploymentTarget, ...]
     weights: tuple[int, ...]
@@ -74,7 +74,7 @@ class ModelRoute:
 
 @dataclass(frozen=True, slots=True)
 class Catalog:
-    models: dict[str, ModelRoute] = field(default_factory=dict)
+    models: dict[str, ModelTarget] = field(default_factory=dict)
 
 
 def _endpoint_urls(base_url: str) -> dict[str, URL]:
@@ -120,10 +120,10 @@ def catalog_load() -> Catalog:
         deployments.setdefault(deployment.model_id, []).append(
             DeploymentTarget(upstream=target, upstream_model=deployment.upstream_model, weight=deployment.weight)
         )
-    models: dict[str, ModelRoute] = {}
+    models: dict[str, ModelTarget] = {}
     for model in Model.objects.filter(is_active=True):
         routes = tuple(deployments.get(model.pk, ()))
-        models[model.name] = ModelRoute(
+        models[model.name] = ModelTarget(
             name=model.name,
             deployments=routes,
             weights=tuple(d.weight for d in routes),

@@ -68,12 +68,56 @@ def not_found(message: str, *, code: str = "not_found") -> ProxyError:
     return ProxyError(404, message, code=code)
 
 
-def upstream_error(message: str) -> ProxyError:
-    return ProxyError(502, message, code="upstream_error")
+# Upstream answers worth another attempt (on another deployment when there is one).
+RETRYABLE_STATUSES = frozenset({500, 502, 503, 504})
 
 
-def upstream_timeout(upstream: str) -> ProxyError:
-    return ProxyError(504, f"The upstream {upstream!r} did not answer in time.", code="upstream_timeout")
+class UpstreamError(ProxyError):
+    """A failed upstream call, raised by ``proxy.edge.send.upstream_send`` and by a stream being relayed.
+
+    The fallback loop in ``proxy.edge.pipeline`` is the one place that catches them: retries decide on
+    ``retryable`` there, and breakers and metrics hook in at the same spot. The status and message are
+    what the client gets if no other attempt succeeds.
+    """
+
+    retryable = False
+
+
+class UpstreamTimeout(UpstreamError):
+    def __init__(self, upstream: str) -> None:
+        super().__init__(504, f"The upstream {upstream!r} did not answer in time.", code="upstream_timeout")
+
+
+class UpstreamUnreachable(UpstreamError):
+    """No answer at all (connection refused or reset): nothing was processed, so another attempt is safe."""
+
+    retryable = True
+
+    def __init__(self, upstream: str, reason: str) -> None:
+        super().__init__(502, f"Could not reach the upstream {upstream!r} ({reason}).", code="upstream_error")
+
+
+class UpstreamRefused(UpstreamError):
+    """The upstream answered ``upstream_status`` (not 200); ``message`` is its own text, already scrubbed."""
+
+    def __init__(self, upstream: str, upstream_status: int, message: str) -> None:
+        self.upstream_status = upstream_status
+        self.retryable = upstream_status in RETRYABLE_STATUSES
+        # 4xx answers (bad parameters, context too long) are the client's to fix: pass them on, except
+        # 401/403/404, which say our upstream credentials or model mapping are wrong, not the client's.
+        if 400 <= upstream_status < 500 and upstream_status not in (401, 403, 404, 407):
+            text = message or f"The upstream refused the request ({upstream_status})."
+            super().__init__(upstream_status, text, code="upstream_refused")
+            return
+        detail = f": {message}" if message and upstream_status not in (401, 403, 407) else ""
+        super().__init__(502, f"The upstream {upstream!r} answered {upstream_status}{detail}", code="upstream_error")
+
+
+class UpstreamBrokeOff(UpstreamError):
+    """The answer started and then failed: invalid JSON, or a stream cut short."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(502, message, code="upstream_error")
 
 
 # Seconds a client should wait before retrying when the database is unreachable.

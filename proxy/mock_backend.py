@@ -3,7 +3,7 @@
 It echoes the last user message, counts tokens as whitespace-separated words,
 and streams in several chunks, so the whole flow (keys, scopes, usage, SSE)
 can be demonstrated and tested without any upstream server. Like a real
-upstream it gets only bodies ``proxy.core`` has validated (field types, depth).
+upstream it gets only bodies ``proxy.edge.payload`` has validated (field types, depth).
 """
 
 from __future__ import annotations

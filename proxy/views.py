@@ -1,59 +1,70 @@
-"""The proxy as plain async Django views: the same ``proxy_handle`` behind Django's request cycle.
+"""The proxy as plain async Django views: a thin adapter over ``proxy.edge``, like the lean ASGI app.
 
-Production traffic on ``/v1/`` takes the lean ASGI path (``proxy/asgi.py``);
+Production traffic on ``/v1/`` and ``/gw/`` takes the lean ASGI path (``proxy/asgi.py``);
 these views serve the same URLs when the dispatcher is off
 (``PROXY_LEAN_ASGI=false``) and let Django's test client exercise the proxy.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from apiforge.request_id import request_id_from
-from proxy.core import ProxyRequest, proxy_handle
-from proxy.errors import ProxyError
+from proxy.edge.exchange import ProxyRequest
+from proxy.edge.ingress import answer_headers, ingress_refusal, request_headers
+from proxy.edge.pipeline import proxy_handle
 
 
-def _api_key(request: HttpRequest) -> str | None:
-    authorization = request.headers.get("authorization", "")
-    if authorization[:7].lower() == "bearer ":
-        return authorization[7:].strip() or None
-    return request.headers.get("x-api-key") or request.headers.get("api-key") or None
+def _raw_headers(request: HttpRequest) -> Iterable[tuple[bytes, bytes]]:
+    """The request's header pairs as the ASGI scope has them (rebuilt from META under WSGI)."""
+    scope = getattr(request, "scope", None)
+    if scope is not None:
+        headers: Iterable[tuple[bytes, bytes]] = scope["headers"]
+        return headers
+    return [
+        (name[5:].lower().replace("_", "-").encode("latin-1"), str(value).encode("latin-1"))
+        for name, value in request.META.items()
+        if name.startswith("HTTP_")
+    ]
 
 
 @csrf_exempt
 async def openai_proxy(request: HttpRequest, path: str) -> HttpResponse | StreamingHttpResponse:
-    """Any ``/v1/<path>`` request."""
-    request_id = getattr(request, "request_id", None) or request_id_from(request.headers.get("x-request-id"))
+    """Any ``/v1/<path>`` or ``/gw/<path>`` request."""
+    api_key, incoming_id, _length = request_headers(_raw_headers(request))
+    request_id = getattr(request, "request_id", None) or request_id_from(incoming_id)
     limit = settings.PROXY_MAX_BODY_BYTES
     body = request.read(limit + 1)
-    if len(body) > limit:
-        error = ProxyError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
-        return HttpResponse(error.body(), status=413, content_type="application/json")
-    response = await proxy_handle(
-        ProxyRequest(
-            method=request.method or "GET",
-            path=f"/v1/{path}",
-            api_key=_api_key(request),
-            client_ip=request.META.get("REMOTE_ADDR"),
-            request_id=request_id,
-            body=body,
+    response = ingress_refusal(request.path_info, body if len(body) <= limit else None)
+    if response is None:
+        response = await proxy_handle(
+            ProxyRequest(
+                method=request.method or "GET",
+                path=request.path_info,
+                api_key=api_key,
+                client_ip=request.META.get("REMOTE_ADDR"),
+                request_id=request_id,
+                body=body,
+            )
         )
-    )
+    headers = answer_headers(response, request_id.encode())
     if response.stream is not None:
-        streaming = StreamingHttpResponse(
-            response.stream, status=response.status, content_type=response.content_type.decode()
-        )
-        streaming["Cache-Control"] = "no-cache"
-        streaming["X-Accel-Buffering"] = "no"
+        streaming = StreamingHttpResponse(response.stream, status=response.status)
+        _set_headers(streaming, headers)
         return streaming
-    answer = HttpResponse(response.body, status=response.status, content_type=response.content_type.decode())
-    for name, value in response.headers:
-        answer[name.decode("latin-1")] = value.decode("latin-1")
+    answer = HttpResponse(response.body, status=response.status)
+    _set_headers(answer, headers)
     if answer.status_code >= 500:
         # proxy_handle has logged what deserves it (an unexpected error, once); keep django.request from adding
         # an ERROR line for every upstream failure or outage, so both paths log alike.
         answer._has_been_logged = True  # type: ignore[attr-defined]
     return answer
+
+
+def _set_headers(answer: HttpResponseBase, headers: list[tuple[bytes, bytes]]) -> None:
+    for name, value in headers:
+        answer[name.decode("latin-1")] = value.decode("latin-1")

@@ -7,8 +7,9 @@ import asyncio
 import orjson
 import pytest
 
-from gateway_stats.usage import UsageRecord
-from proxy.core import _parse_body, _relay, _usage_in
+from gateway_stats.usage import UsageEvent
+from proxy.edge.payload import payload_parse
+from proxy.edge.relay import relay_stream, usage_in
 
 pytestmark = pytest.mark.bench
 
@@ -41,13 +42,13 @@ STREAM_PIECES = [_delta("")] + [_delta("hello ") for _ in range(8)] + [STREAM_TA
 
 
 def test_parse_body_of_a_chat_request(benchmark):
-    payload = benchmark(_parse_body, CHAT_BODY, "messages")
+    payload = benchmark(payload_parse, CHAT_BODY, "messages")
     assert payload["model"] == "bench-model"
 
 
 def test_usage_in_the_last_stream_events_is_noted_and_the_usage_chunk_dropped(benchmark):
-    record = UsageRecord(request_id="r", endpoint="/v1/chat/completions", status=200)
-    kept = benchmark(_usage_in, STREAM_TAIL, record, False)
+    record = UsageEvent(request_id="r", endpoint="/v1/chat/completions", status=200)
+    kept = benchmark(usage_in, STREAM_TAIL, record, False)
     assert (record.prompt_tokens, record.completion_tokens) == (9, 8)
     assert b'"usage"' not in kept
     assert kept.endswith(b"data: [DONE]\n\n")
@@ -60,9 +61,9 @@ def test_relay_of_a_whole_eight_chunk_stream(benchmark):
         for piece in STREAM_PIECES:
             yield piece
 
-    async def relay_all() -> tuple[bytes, UsageRecord]:
-        record = UsageRecord(request_id="r", endpoint="/v1/chat/completions", status=0)
-        out = [chunk async for chunk in _relay(pieces(), record, 0.0, True)]
+    async def relay_all() -> tuple[bytes, UsageEvent]:
+        record = UsageEvent(request_id="r", endpoint="/v1/chat/completions", status=0)
+        out = [chunk async for chunk in relay_stream(pieces(), record, 0.0, True)]
         return b"".join(out), record
 
     loop = asyncio.new_event_loop()

@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from gateway_stats.usage import UsageRecord, emitter, usage_record_emit
+from gateway_stats.usage import UsageEvent, emitter, usage_event_emit
 
 pytestmark = pytest.mark.bench
 
@@ -19,8 +19,8 @@ def _no_sinks(monkeypatch):
     emitter.flush()
 
 
-def _record() -> UsageRecord:
-    return UsageRecord(
+def _record() -> UsageEvent:
+    return UsageEvent(
         request_id="bench-0001",
         endpoint="/v1/chat/completions",
         status=200,
@@ -38,9 +38,9 @@ def _record() -> UsageRecord:
     )
 
 
-def test_usage_record_emit_of_a_built_record(benchmark):
+def test_usage_event_emit_of_a_built_event(benchmark):
     record = _record()
-    benchmark(usage_record_emit, record)
+    benchmark(usage_event_emit, record)
     assert emitter.flush() >= 1
 
 
@@ -48,10 +48,10 @@ def test_usage_record_build_and_emit(benchmark):
     """What the hot path does per request: build the record, fill it, hand it off."""
 
     def build_and_emit():
-        record = UsageRecord(request_id="bench-0002", endpoint="/v1/chat/completions", status=0, client_ip="127.0.0.1")
+        record = UsageEvent(request_id="bench-0002", endpoint="/v1/chat/completions", status=0, client_ip="127.0.0.1")
         record.key_id, record.user_id, record.model = 1, 1, "bench-model"
         record.status = 200
-        usage_record_emit(record)
+        usage_event_emit(record)
         return record
 
     record = benchmark(build_and_emit)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway_stats.usage import UsageRecord, emitter
+from gateway_stats.usage import UsageEvent, emitter
 from proxy.models import Deployment, Model, Upstream
 from tests.factories import ApiKeyFactory
 
@@ -49,12 +49,12 @@ class UsageCapture:
     """Collects the usage records the proxy hands off (a sink on the real emitter)."""
 
     def __init__(self) -> None:
-        self.records: list[UsageRecord] = []
+        self.records: list[UsageEvent] = []
 
-    def __call__(self, batch: list[UsageRecord]) -> None:
+    def __call__(self, batch: list[UsageEvent]) -> None:
         self.records.extend(batch)
 
-    def flushed(self) -> list[UsageRecord]:
+    def flushed(self) -> list[UsageEvent]:
         emitter.flush()
         return list(self.records)
 

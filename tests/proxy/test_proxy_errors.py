@@ -1,6 +1,6 @@
 """Every proxy refusal, OpenAI-shaped, through both front doors: the lean ASGI path and Django's views.
 
-``via`` runs each test twice: against a live gateway (``apiforge.asgi`` dispatching ``/v1/`` to the
+``via`` runs each test twice: against a live gateway (``apiforge.asgi`` dispatching ``/v1/`` and ``/gw/`` to the
 lean app) and through Django's test client (``proxy/views.py`` behind Django's request cycle).
 """
 
@@ -193,6 +193,13 @@ def test_unknown_path_is_404_and_wrong_method_405(via, demo):
     assert_openai_error(via.request("POST", "/v1/models", headers=bearer(demo)), 405, "method_not_allowed")
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"])
+@pytest.mark.parametrize("path", ["/gw/", "/gw/anything", "/gw/v1/chat/completions"])
+def test_gateway_path_without_a_route_is_an_openai_shaped_404_on_both_paths(via, demo, method, path):
+    answer = via.request(method, path, body=CHAT, headers=bearer(demo))
+    assert_openai_error(answer, 404, "route_not_found")
+
+
 def test_models_endpoints_need_a_key(via, demo):
     assert_openai_error(via.request("GET", "/v1/models"), 401, "missing_api_key")
     answer = via.request("GET", "/v1/models", headers=bearer(demo))
@@ -375,7 +382,7 @@ def test_unexpected_exception_is_an_openai_shaped_500_logged_once_with_a_usage_r
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a bug in the mock")
 
-    monkeypatch.setattr("proxy.core.mock_answer", broken)
+    monkeypatch.setattr("proxy.edge.backends.mock_answer", broken)
     monkeypatch.setattr("proxy.mock_backend.mock_answer", broken)
     body = orjson.dumps({"model": "demo", "messages": [{"role": "user", "content": "hi"}], "stream": stream})
     answer = via.request("POST", "/v1/chat/completions", body=body, headers=bearer(demo))

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from proxy.asgi import proxy_app
-from proxy.core import MAX_JSON_DEPTH
+from proxy.edge.payload import MAX_JSON_DEPTH
 from tests.proxy.asgi_client import AsgiAnswer, asgi_request
 from tests.proxy.helpers import key_make, model_make, upstream_make
 

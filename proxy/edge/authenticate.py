@@ -1,0 +1,45 @@
+"""Authentication: the presented key, verified from the keys' caches, and what it may use."""
+
+from __future__ import annotations
+
+from gateway_stats.usage import UsageEvent
+from keys.verification import KeyPolicy, KeyRefused, key_verify_async
+from proxy.catalog import Catalog, ModelTarget
+from proxy.edge.exchange import ProxyRequest
+from proxy.errors import ProxyError, not_found
+
+_REFUSALS = {
+    "unknown": (401, "invalid_api_key", "Incorrect API key provided."),
+    "inactive": (403, "api_key_disabled", "This API key is disabled."),
+    "revoked": (403, "api_key_revoked", "This API key has been revoked."),
+    "expired": (403, "api_key_expired", "This API key has expired."),
+    "ip_not_allowed": (403, "ip_not_allowed", "This API key may not be used from your IP address."),
+}
+
+
+async def authenticate(request: ProxyRequest, event: UsageEvent) -> KeyPolicy:
+    """The policy of the presented key; a 401 or 403 ``ProxyError`` when there is none or it is refused."""
+    if not request.api_key:
+        raise ProxyError(
+            401,
+            "Missing API key: send it as 'Authorization: Bearer <key>', 'x-api-key' or 'api-key'.",
+            code="missing_api_key",
+        )
+    try:
+        policy = await key_verify_async(request.api_key, request.client_ip)
+    except KeyRefused as refused:
+        status, code, message = _REFUSALS.get(refused.reason, _REFUSALS["unknown"])
+        raise ProxyError(status, message, code=code) from None
+    event.key_id = policy.key_id
+    event.user_id = policy.owner_id
+    return policy
+
+
+def model_target(catalog: Catalog, policy: KeyPolicy, name: str) -> ModelTarget:
+    """The public model ``name`` if it exists and the key may use it."""
+    target = catalog.models.get(name)
+    if target is None:
+        raise not_found(f"The model {name!r} does not exist.", code="model_not_found")
+    if not policy.allows_model(name):
+        raise ProxyError(403, f"This API key may not use the model {name!r}.", code="model_not_allowed", param="model")
+    return target

@@ -1,0 +1,115 @@
+"""``proxy_handle``: one proxy request through the stages, from the front door's ``ProxyRequest`` to its answer.
+
+Never raises: a refusal is its OpenAI-shaped error, an unexpected failure a logged 500 (or a 503 when the
+database is down), and every request ends with one usage event (``account``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from django.db import InterfaceError, OperationalError
+
+from gateway_stats.usage import UsageEvent
+from keys.verification import KeyPolicy
+from proxy.catalog import catalog_get_async
+from proxy.edge.account import account
+from proxy.edge.admit import admit
+from proxy.edge.authenticate import authenticate, model_target
+from proxy.edge.endpoints import Endpoint, endpoint_for
+from proxy.edge.exchange import ProxyRequest, ProxyResponse
+from proxy.edge.listing import models_answer
+from proxy.edge.payload import payload_parse, stream_usage_request
+from proxy.edge.pick import candidates, deployment_note, deployment_pick
+from proxy.edge.relay import relay
+from proxy.edge.send import upstream_send
+from proxy.errors import ProxyError, UpstreamError, internal_error, service_unavailable
+
+logger = logging.getLogger(__name__)
+
+_DATABASE_DOWN = (OperationalError, InterfaceError)
+# Shortest presented key that is blanked out of an error message (shorter ones cannot be real secrets,
+# and blanking them would garble the message).
+_MIN_SECRET_LENGTH = 8
+
+
+async def proxy_handle(request: ProxyRequest) -> ProxyResponse:
+    """Answer one proxy request: route, authenticate, admit, then forward (or list models); account."""
+    event = UsageEvent(
+        request_id=request.request_id, endpoint=request.path, status=0, client_ip=request.client_ip or ""
+    )
+    started = time.perf_counter()
+    try:
+        endpoint = endpoint_for(request.method, request.path)
+        policy = await authenticate(request, event)
+        admit(policy, event)
+        if endpoint.required:
+            response = await _forward(request, endpoint, policy, event, started)
+        else:
+            response = await models_answer(request.path, policy)
+    except ProxyError as error:
+        response = _error_response(error, request.api_key)
+        event.error_code = error.code
+    except Exception as exc:
+        failure = _unexpected_error(exc)
+        response = _error_response(failure)
+        event.error_code = failure.code
+    if response.stream is None:  # a stream accounts for itself when it ends (relay)
+        event.status = response.status
+        account(event, started)
+    return response
+
+
+async def _forward(
+    request: ProxyRequest, endpoint: Endpoint, policy: KeyPolicy, event: UsageEvent, started: float
+) -> ProxyResponse:
+    """Validate, pick a deployment, send; on a retryable failure the next deployment, then the fallbacks."""
+    payload = payload_parse(request.body, endpoint.required)
+    catalog = await catalog_get_async()
+    target = model_target(catalog, policy, payload["model"])
+    stream = endpoint.streamable and bool(payload.get("stream"))
+    keep_usage_chunk = stream and stream_usage_request(payload)
+    event.model = target.name
+    event.stream = stream
+    last_failure: UpstreamError | None = None
+    for candidate in candidates(catalog, target):
+        deployment = deployment_pick(candidate)
+        if deployment is None:
+            continue
+        tried: set[int] = set()
+        for _attempt in range(1 + deployment.upstream.max_retries):
+            deployment_note(event, candidate, deployment)
+            try:
+                answer = await upstream_send(endpoint.name, payload, deployment, stream)
+            except UpstreamError as failure:
+                # The one place every failed upstream call passes: retries decide here (never after a
+                # stream's first byte: those failures end the relay instead); breakers and metrics hook in here.
+                if not failure.retryable:
+                    raise
+                last_failure = failure
+                tried.add(deployment.upstream.id)
+                deployment = deployment_pick(candidate, frozenset(tried)) or deployment
+                continue
+            return relay(answer, event, started, keep_usage_chunk)
+    if last_failure is not None:
+        raise last_failure
+    raise ProxyError(503, f"No healthy upstream for the model {target.name!r}.", code="no_healthy_upstream")
+
+
+def _error_response(error: ProxyError, api_key: str | None = None) -> ProxyResponse:
+    if api_key and len(api_key) >= _MIN_SECRET_LENGTH and api_key in error.message:
+        # A client-supplied value echoed in a message (a model name, a path) may carry the key itself.
+        error.message = error.message.replace(api_key, "***")
+    return ProxyResponse(status=error.status, body=error.body(), headers=list(error.headers))
+
+
+def _unexpected_error(exc: Exception) -> ProxyError:
+    """The answer for an exception no refusal accounts for: 503 for a dependency outage, else a logged 500."""
+    if isinstance(exc, _DATABASE_DOWN):
+        # The database is unreachable (or its pool exhausted: psycopg_pool's PoolTimeout reaches us as an
+        # OperationalError) and this answer needs it: a key or the catalog not in memory or the shared
+        # cache. Not logged per request: the health check and the usage events' error_code show it.
+        return service_unavailable()
+    logger.exception("unexpected error on the proxy path")
+    return internal_error()

@@ -1,0 +1,110 @@
+"""Relaying: the upstream's answer passed on to the client, a stream event by event, noting the usage.
+
+A stream's usage comes in its last events: only the last event naming ``"usage"`` in a read is parsed,
+and the usage-only chunk the proxy asked for is dropped again unless the client asked for it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from functools import partial
+
+import orjson
+
+from gateway_stats.usage import UsageEvent
+from proxy.edge.account import account, usage_note
+from proxy.edge.backends import UpstreamAnswer
+from proxy.edge.exchange import SSE, ProxyResponse
+from proxy.errors import ProxyError, internal_error
+
+logger = logging.getLogger(__name__)
+
+
+def relay(answer: UpstreamAnswer, event: UsageEvent, started: float, keep_usage_chunk: bool) -> ProxyResponse:
+    """The client's answer for the upstream's 200."""
+    if answer.pieces is None:
+        usage_note(event, answer.usage)
+        return ProxyResponse(200, answer.body)
+    abort = None if answer.close is None else partial(_abort, event, answer.close)
+    stream = relay_stream(answer.pieces, event, started, keep_usage_chunk)
+    return ProxyResponse(200, content_type=SSE, stream=stream, abort=abort)
+
+
+def _abort(event: UsageEvent, close: Callable[[], None]) -> None:
+    event.status = 499
+    event.error_code = "client_disconnected"
+    close()
+
+
+async def relay_stream(
+    pieces: AsyncIterator[bytes], event: UsageEvent, started: float, keep_usage_chunk: bool
+) -> AsyncIterator[bytes]:
+    """Pass complete SSE events on as they arrive, noting usage; always accounts for the request."""
+    buffer = b""
+    event.status = 200
+    try:
+        async for piece in pieces:
+            if not event.ttfb_ms:
+                event.ttfb_ms = (time.perf_counter() - started) * 1000
+            if b"\r" in piece:
+                piece = piece.replace(b"\r\n", b"\n")
+            buffer += piece
+            end = buffer.rfind(b"\n\n")
+            if end < 0:
+                continue
+            events, buffer = buffer[: end + 2], buffer[end + 2 :]
+            if b'"usage"' in events:
+                events = usage_in(events, event, keep_usage_chunk)
+            if events:
+                yield events
+        if buffer.strip():
+            yield usage_in(buffer, event, keep_usage_chunk) if b'"usage"' in buffer else buffer
+    except ProxyError as error:
+        if event.error_code != "client_disconnected":
+            event.status = error.status
+            event.error_code = error.code
+            yield error.sse_event()
+    except Exception:
+        # The answer has started (200 is sent): end it with an error event rather than a dropped connection.
+        logger.exception("unexpected error while relaying a stream")
+        failure = internal_error()
+        event.status = failure.status
+        event.error_code = failure.code
+        yield failure.sse_event()
+    except (asyncio.CancelledError, GeneratorExit):
+        event.status = 499
+        event.error_code = "client_disconnected"
+        raise
+    finally:
+        account(event, started)
+
+
+def usage_in(events: bytes, event: UsageEvent, keep_usage_chunk: bool) -> bytes:
+    """Note the usage carried by complete SSE ``events``; drop the usage-only chunk unless the client asked.
+
+    Only the last event naming ``"usage"`` is parsed: upstreams that send ``"usage": null`` on every chunk
+    (or running totals) put the figure that counts last, and parsing one event instead of all is what keeps
+    a stream's relay cheap.
+    """
+    at = events.rfind(b'"usage"')
+    if at < 0:
+        return events
+    start = events.rfind(b"\n\n", 0, at)
+    start = 0 if start < 0 else start + 2
+    end = events.find(b"\n\n", at)
+    end = len(events) if end < 0 else end + 2
+    chunk_bytes = events[start:end].rstrip(b"\n")
+    if not chunk_bytes.startswith(b"data: {"):
+        return events
+    try:
+        chunk = orjson.loads(chunk_bytes[6:])
+    except orjson.JSONDecodeError:
+        return events
+    if isinstance(chunk, dict) and chunk.get("usage"):
+        usage_note(event, chunk["usage"])
+        if not keep_usage_chunk and not chunk.get("choices"):
+            return events[:start] + events[end:]
+    return events
