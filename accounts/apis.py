@@ -22,6 +22,7 @@ from rest_framework_simplejwt.views import TokenRefreshView
 from accounts.models import User
 from accounts.services import user_login, user_logout, user_register
 from accounts.throttling import registration_attempt_reserve
+from apiforge.client_ip import client_ip
 from apiforge.errors import ErrorResponseSerializer
 
 _TAGS = ["auth"]
@@ -63,10 +64,6 @@ def _user(request: Request) -> User:
     return request.user
 
 
-def _client_ip(request: Request) -> str | None:
-    return request.META.get("REMOTE_ADDR") or None
-
-
 class _PublicAuthView(APIView):
     """Endpoints reached without credentials (their 401s are domain errors, which carry the Bearer challenge)."""
 
@@ -106,7 +103,7 @@ class RegisterView(_PublicAuthView):
         },
     )
     def post(self, request: Request) -> Response:
-        registration_attempt_reserve(ip=_client_ip(request))
+        registration_attempt_reserve(ip=client_ip(request))
         serializer = RegisterSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         hide_duplicates = settings.REGISTRATION_ENUMERATION_SAFE

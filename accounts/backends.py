@@ -21,15 +21,14 @@ from django.http import HttpRequest
 from accounts.exceptions import LoginThrottled
 from accounts.models import User
 from accounts.throttling import login_attempt_abandoned, login_attempt_reserve, login_attempt_succeeded
+from apiforge.client_ip import client_ip
 
 logger = logging.getLogger("accounts")
 
 
 def login_client_ip(request: HttpRequest | None) -> str | None:
-    """The address a login attempt comes from (``REMOTE_ADDR``), or ``None`` without a request."""
-    if request is None:
-        return None
-    return request.META.get("REMOTE_ADDR") or None
+    """The address a login attempt comes from (``apiforge.client_ip``), or ``None`` without a request."""
+    return None if request is None else client_ip(request)
 
 
 class ThrottledModelBackend(ModelBackend):
