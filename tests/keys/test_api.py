@@ -71,6 +71,13 @@ def test_create_is_audited_with_actor_and_ip(api, user):
     assert event.changes["name"] == "ci"
 
 
+def test_the_audited_ip_is_the_servers_client_address_never_a_forwarded_for_header(api):
+    # Only the ASGI server may believe X-Forwarded-For (FORWARDED_ALLOW_IPS); by then it is REMOTE_ADDR.
+    api.post(URL, {"name": "ci"}, format="json", HTTP_X_FORWARDED_FOR="203.0.113.9")
+
+    assert AuditEvent.objects.get(action="key.create").ip_address == "198.51.100.7"
+
+
 def test_list_is_paginated(api, user):
     ApiKeyFactory.create_batch(25, owner=user)
 
