@@ -3,10 +3,10 @@
 ``usage_event_emit(event)`` appends to an in-process deque (O(1), no I/O, no
 lock contention worth the name). A daemon thread drains it every
 ``USAGE_FLUSH_INTERVAL_S`` (or sooner when a batch fills) and hands each batch to
-the registered sinks; it also writes the keys' ``last_used_at`` (at most once a
-minute per key) through ``keys.services.key_usage_flush``. For now the default
-sink logs each record at DEBUG; the statistics issue adds the durable ledger as
-another sink.
+the registered sinks. The default sink logs each one at DEBUG; the apps that
+need the usage register theirs at startup with ``usage_sink_register`` (the keys
+app its ``last_used_at`` writer, the statistics issue the durable ledger), so
+this module imports no other app.
 """
 
 from __future__ import annotations
@@ -80,27 +80,13 @@ def _log_sink(batch: list[UsageEvent]) -> None:
             )
 
 
-def _touch_keys_sink(batch: list[UsageEvent]) -> None:
-    """Keys' ``last_used_at``: noted per record, written at most once a minute per key."""
-    from keys.services import key_usage_flush
-    from keys.verification import key_usage_touch
-
-    for key_id in {record.key_id for record in batch if record.key_id is not None}:
-        key_usage_touch(key_id)
-    try:
-        key_usage_flush()
-    except Exception:
-        # The uses are kept for the next flush; a late last_used_at is not worth an alarm.
-        logger.warning("last_used_at not written this time; will retry", exc_info=True)
-
-
 class UsageEmitter:
     """A bounded in-process queue drained by one background thread into the sinks."""
 
     def __init__(self, *, flush_interval: float = 1.0, max_batch: int = 5000, max_queue: int = 1_000_000) -> None:
         self.flush_interval = flush_interval
         self.max_batch = max_batch
-        self.sinks: list[Sink] = [_log_sink, _touch_keys_sink]
+        self.sinks: list[Sink] = [_log_sink]
         self._queue: deque[UsageEvent] = deque(maxlen=max_queue)
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -153,6 +139,15 @@ class UsageEmitter:
 
 
 emitter = UsageEmitter()
+
+
+def usage_sink_register(sink: Sink) -> None:
+    """Hand every batch to ``sink`` too, after the sinks registered before it (once: registering again is a no-op).
+
+    Called from an ``AppConfig.ready()``; a sink runs on the emitter's thread and may raise (logged, not retried).
+    """
+    if sink not in emitter.sinks:
+        emitter.sinks.append(sink)
 
 
 def usage_event_emit(event: UsageEvent) -> None:

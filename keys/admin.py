@@ -18,7 +18,9 @@ from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.cache import patch_cache_control
 
+from apiforge.audit import audit_context
 from keys.models import ApiKey
+from keys.scopes import scope_errors
 from keys.services import (
     ROTATION_GRACE_MAX_S,
     UPDATABLE_FIELDS,
@@ -80,6 +82,8 @@ class ApiKeyAdminForm(forms.ModelForm):
             self.add_error("expires_at", "The expiry must be in the future.")
         if self.instance.pk and self.instance.revoked_at is not None and cleaned.get("is_active"):
             self.add_error("is_active", "A revoked key cannot be enabled again.")
+        for field, error in scope_errors(cleaned).items():
+            self.add_error(field, error)
         return cleaned
 
 
@@ -90,14 +94,6 @@ class RotateForm(forms.Form):
         initial=0,
         help_text="How long the current secret keeps working after the rotation, in seconds (0 = stops at once).",
     )
-
-
-def _client_ip(request: HttpRequest) -> str | None:
-    return request.META.get("REMOTE_ADDR") or None
-
-
-def _actor(request: HttpRequest) -> Any:
-    return request.user if request.user.is_authenticated else None
 
 
 @admin.register(ApiKey)
@@ -172,12 +168,10 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
         if change:
             changes = {field: form.cleaned_data[field] for field in form.changed_data if field in UPDATABLE_FIELDS}
-            key_update(key=obj, changes=changes, actor=_actor(request), ip_address=_client_ip(request))
+            key_update(key=obj, changes=changes, **audit_context(request).service_kwargs())
             return
         values = {field: value for field, value in form.cleaned_data.items() if field != "owner"}
-        issued = key_create(
-            owner=form.cleaned_data["owner"], actor=_actor(request), ip_address=_client_ip(request), **values
-        )
+        issued = key_create(owner=form.cleaned_data["owner"], **audit_context(request).service_kwargs(), **values)
         # The admin goes on with ``obj`` (history entry, next page): give it the saved row's identity.
         obj.pk = issued.key.pk
         obj.prefix = issued.key.prefix
@@ -206,25 +200,28 @@ class ApiKeyAdmin(admin.ModelAdmin):
         return response
 
     def delete_model(self, request: HttpRequest, obj: ApiKey) -> None:
-        key_delete(key=obj, actor=_actor(request), ip_address=_client_ip(request))
+        key_delete(key=obj, **audit_context(request).service_kwargs())
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        audit = audit_context(request).service_kwargs()
         for key in queryset:
-            key_delete(key=key, actor=_actor(request), ip_address=_client_ip(request))
+            key_delete(key=key, **audit)
 
     # --- actions ---------------------------------------------------------------------------------------
     @admin.action(description="Disable selected keys", permissions=["change"])
     def disable_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        audit = audit_context(request).service_kwargs()
         for key in queryset:
-            key_disable(key=key, actor=_actor(request), ip_address=_client_ip(request))
+            key_disable(key=key, **audit)
         self.message_user(request, f"Disabled {len(queryset)} key(s).", messages.SUCCESS)
 
     @admin.action(description="Enable selected keys", permissions=["change"])
     def enable_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
         enabled = skipped = 0
+        audit = audit_context(request).service_kwargs()
         for key in queryset:
             try:
-                key_enable(key=key, actor=_actor(request), ip_address=_client_ip(request))
+                key_enable(key=key, **audit)
                 enabled += 1
             except ValidationError:
                 skipped += 1
@@ -234,8 +231,9 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     @admin.action(description="Revoke selected keys (for good)", permissions=["change"])
     def revoke_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        audit = audit_context(request).service_kwargs()
         for key in queryset:
-            key_revoke(key=key, actor=_actor(request), ip_address=_client_ip(request))
+            key_revoke(key=key, **audit)
         self.message_user(request, f"Revoked {len(queryset)} key(s).", messages.SUCCESS)
 
     # --- rotation ------------------------------------------------------------------------------------------
@@ -255,8 +253,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
                 issued = key_rotate(
                     key=key,
                     grace_seconds=form.cleaned_data["grace_seconds"],
-                    actor=_actor(request),
-                    ip_address=_client_ip(request),
+                    **audit_context(request).service_kwargs(),
                 )
             except ValidationError as exc:
                 self.message_user(request, " ".join(exc.messages), messages.ERROR)

@@ -17,6 +17,7 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from apiforge.audit import audit_context
 from apiforge.filters import IdFilter
 from apiforge.permissions import OwnerOrStaffModelPermissions
 from keys.models import ApiKey
@@ -166,10 +167,6 @@ def _as_api_errors() -> Iterator[None]:
         raise serializers.ValidationError(serializers.as_serializer_error(exc)) from exc
 
 
-def _client_ip(request: Request) -> str | None:
-    return request.META.get("REMOTE_ADDR") or None
-
-
 def _user(request: Request) -> User:
     return cast("User", request.user)  # every view here requires an authenticated user
 
@@ -215,7 +212,7 @@ class ApiKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
         serializer.is_valid(raise_exception=True)
         with _as_api_errors():
             issued = key_create(
-                owner=_user(request), actor=_user(request), ip_address=_client_ip(request), **serializer.validated_data
+                owner=_user(request), **audit_context(request).service_kwargs(), **serializer.validated_data
             )
         data = ApiKeyIssuedSerializer(issued.key, context={"secret": issued.secret}).data
         return Response(data, status=status.HTTP_201_CREATED)
@@ -228,13 +225,12 @@ class ApiKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
             key = key_update(
                 key=key,
                 changes=serializer.validated_data,
-                actor=_user(request),
-                ip_address=_client_ip(request),
+                **audit_context(request).service_kwargs(),
             )
         return Response(self.get_serializer(key).data)
 
     def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        key_revoke(key=self.get_object(), actor=_user(request), ip_address=_client_ip(request))
+        key_revoke(key=self.get_object(), **audit_context(request).service_kwargs())
         return Response(status=status.HTTP_204_NO_CONTENT)
 
     @extend_schema(
@@ -253,7 +249,6 @@ class ApiKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
             issued = key_rotate(
                 key=key,
                 grace_seconds=serializer.validated_data["grace_seconds"],
-                actor=_user(request),
-                ip_address=_client_ip(request),
+                **audit_context(request).service_kwargs(),
             )
         return Response(ApiKeyIssuedSerializer(issued.key, context={"secret": issued.secret}).data)

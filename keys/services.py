@@ -8,12 +8,14 @@ verification entries of the key's digests on every process.
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from django.contrib.auth.base_user import AbstractBaseUser
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import Q
@@ -22,10 +24,12 @@ from django.utils import timezone
 from gateway_stats.services import audit_record
 from keys.hashing import key_digest, key_secret_generate, key_secret_prefix
 from keys.models import ApiKey
-from keys.verification import key_cache_invalidate_on_commit, key_usage_drain, key_usage_restore
+from keys.scopes import SCOPE_FIELDS, scope_errors
+from keys.verification import key_cache_invalidate_on_commit, key_usage_drain, key_usage_restore, key_usage_touch
 
 if TYPE_CHECKING:
     from accounts.models import User
+    from gateway_stats.usage import UsageEvent
 
 AUDIT_OBJECT_TYPE = "keys.apikey"
 # Fields a key's owner (or staff) may change after creation; everything else is set by a workflow.
@@ -46,6 +50,8 @@ UPDATABLE_FIELDS = frozenset(
         "metadata",
     }
 )
+logger = logging.getLogger("keys.usage")
+
 ROTATION_GRACE_MAX_S = 30 * 24 * 3600
 LAST_USED_RESOLUTION = timedelta(seconds=60)
 
@@ -59,22 +65,16 @@ class KeyIssued:
 
 
 # --- helpers ----------------------------------------------------------------------------------------
-def _audit_value(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, Decimal):
-        return str(value)
-    return value
-
-
-def _audit(*, key: ApiKey, action: str, actor: User | None, ip_address: str | None, changes: dict[str, Any]) -> None:
+def _audit(
+    *, key: ApiKey, action: str, actor: AbstractBaseUser | None, ip_address: str | None, changes: dict[str, Any]
+) -> None:
     audit_record(
         actor=actor,
         action=action,
         object_type=AUDIT_OBJECT_TYPE,
         object_id=key.pk,
         object_repr=str(key),
-        changes={field: _audit_value(value) for field, value in changes.items()},
+        changes=changes,  # made JSON-safe by audit_record
         ip_address=ip_address,
     )
 
@@ -114,11 +114,21 @@ def _expiry_check(expires_at: datetime | None) -> None:
         raise ValidationError({"expires_at": "The expiry must be in the future."}, code="past")
 
 
-def _clean(key: ApiKey, fields: Iterable[str]) -> None:
-    """Validate the given fields with the model's validators (the others were valid before)."""
-    checked = set(fields)
+def _clean(key: ApiKey, fields: Iterable[str] | None = None) -> None:
+    """Validate the given fields (all when None; the others were valid before) with the model's
+    validators, and check that the models and routes named in scopes exist (``keys.scopes``)."""
+    checked = {field.name for field in ApiKey._meta.concrete_fields} if fields is None else set(fields)
     exclude = [field.name for field in ApiKey._meta.concrete_fields if field.name not in checked]
-    key.full_clean(exclude=exclude, validate_unique=False, validate_constraints=False)
+    errors: dict[str, Any] = {}
+    try:
+        key.full_clean(exclude=exclude, validate_unique=False, validate_constraints=False)
+    except ValidationError as invalid:
+        errors = invalid.update_error_dict(errors)
+    well_formed = {field: getattr(key, field) for field in SCOPE_FIELDS.values() if field in checked - set(errors)}
+    for field, error in scope_errors(well_formed).items():
+        errors.setdefault(field, []).append(error)
+    if errors:
+        raise ValidationError(errors)
 
 
 # --- workflows --------------------------------------------------------------------------------------
@@ -127,7 +137,7 @@ def key_create(
     *,
     owner: User,
     name: str,
-    actor: User | None = None,
+    actor: AbstractBaseUser | None = None,
     ip_address: str | None = None,
     is_active: bool = True,
     expires_at: datetime | None = None,
@@ -162,7 +172,7 @@ def key_create(
     values = {field: _normalized(field, value) for field, value in values.items()}
     secret = key_secret_generate()
     key = ApiKey(owner=owner, prefix=key_secret_prefix(secret), digest=key_digest(secret), **values)
-    key.full_clean(validate_unique=False, validate_constraints=False)
+    _clean(key)
     key.save()
     _audit(key=key, action="key.create", actor=actor, ip_address=ip_address, changes={"owner": owner.pk, **values})
     return KeyIssued(key=key, secret=secret)
@@ -170,7 +180,7 @@ def key_create(
 
 @transaction.atomic
 def key_update(
-    *, key: ApiKey, changes: Mapping[str, Any], actor: User | None = None, ip_address: str | None = None
+    *, key: ApiKey, changes: Mapping[str, Any], actor: AbstractBaseUser | None = None, ip_address: str | None = None
 ) -> ApiKey:
     """Change name, scopes, limits, budgets, expiry or ``is_active``; only what differs is written and audited.
 
@@ -185,7 +195,7 @@ def key_update(
         value = _normalized(field, raw)
         old = getattr(key, field)
         if old != value:
-            diff[field] = [_audit_value(old), _audit_value(value)]
+            diff[field] = [old, value]
             setattr(key, field, value)
     if not diff:
         return key
@@ -203,18 +213,18 @@ def key_update(
     return key
 
 
-def key_disable(*, key: ApiKey, actor: User | None = None, ip_address: str | None = None) -> ApiKey:
+def key_disable(*, key: ApiKey, actor: AbstractBaseUser | None = None, ip_address: str | None = None) -> ApiKey:
     """Stop the key working until enabled again (no-op when already disabled)."""
     return key_update(key=key, changes={"is_active": False}, actor=actor, ip_address=ip_address)
 
 
-def key_enable(*, key: ApiKey, actor: User | None = None, ip_address: str | None = None) -> ApiKey:
+def key_enable(*, key: ApiKey, actor: AbstractBaseUser | None = None, ip_address: str | None = None) -> ApiKey:
     """Let a disabled key work again; a revoked key cannot be enabled (``ValidationError``)."""
     return key_update(key=key, changes={"is_active": True}, actor=actor, ip_address=ip_address)
 
 
 @transaction.atomic
-def key_revoke(*, key: ApiKey, actor: User | None = None, ip_address: str | None = None) -> ApiKey:
+def key_revoke(*, key: ApiKey, actor: AbstractBaseUser | None = None, ip_address: str | None = None) -> ApiKey:
     """Stop the key for good; the row stays (usage history keeps its key). Idempotent."""
     key = _locked(key)
     if key.is_revoked:
@@ -229,7 +239,7 @@ def key_revoke(*, key: ApiKey, actor: User | None = None, ip_address: str | None
 
 @transaction.atomic
 def key_rotate(
-    *, key: ApiKey, grace_seconds: int = 0, actor: User | None = None, ip_address: str | None = None
+    *, key: ApiKey, grace_seconds: int = 0, actor: AbstractBaseUser | None = None, ip_address: str | None = None
 ) -> KeyIssued:
     """A new secret for the same key (same limits, scopes and history).
 
@@ -265,7 +275,7 @@ def key_rotate(
 
 
 @transaction.atomic
-def key_delete(*, key: ApiKey, actor: User | None = None, ip_address: str | None = None) -> None:
+def key_delete(*, key: ApiKey, actor: AbstractBaseUser | None = None, ip_address: str | None = None) -> None:
     """Delete the row for good (staff, in the admin). The API's DELETE revokes instead."""
     key = _locked(key)
     digests = _digests(key)
@@ -325,3 +335,15 @@ def key_usage_flush() -> int:
         key_usage_restore(remaining)
         raise
     return written
+
+
+def key_usage_sink(batch: Sequence[UsageEvent]) -> None:
+    """The usage hand-off's sink for keys (registered in ``KeysConfig.ready()``): notes each key's use and
+    writes ``last_used_at``, at most once a minute per key. Runs on the usage emitter's thread."""
+    for key_id in {event.key_id for event in batch if event.key_id is not None}:
+        key_usage_touch(key_id)
+    try:
+        key_usage_flush()
+    except Exception:
+        # The uses are kept for the next flush; a late last_used_at is not worth an alarm.
+        logger.warning("last_used_at not written this time; will retry", exc_info=True)

@@ -31,7 +31,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from decimal import Decimal
 from functools import partial
 from typing import Any
@@ -43,7 +43,6 @@ from apiforge.local_cache import SyncedLocalCache
 from keys.exceptions import KeyRefused, RefusalReason
 from keys.hashing import key_digest, key_secret_plausible
 from keys.policy import KeyPolicy, KeyRecord, KeyStateRefusal
-from keys.selectors import key_record_by_digest
 
 __all__ = [
     "KeyPolicy",
@@ -59,6 +58,25 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# Reads the verification record for a digest from the database (``keys.selectors.key_record_by_digest``,
+# registered by ``KeysConfig.ready()``). Plugged in rather than imported so that this module, which the
+# proxy's hot path imports, links no ORM model, selector or DRF code, as the hot-path contract requires.
+KeyRecordReader = Callable[[str], "KeyRecord | None"]
+_record_readers: list[KeyRecordReader] = []
+
+
+def key_record_reader_register(reader: KeyRecordReader) -> None:
+    """Make ``reader`` (digest -> record or None) what a cache miss reads; a later call replaces it."""
+    _record_readers[:] = [reader]
+
+
+def key_record_by_digest(*, digest: str) -> KeyRecord | None:
+    """The record for ``digest`` from the database, through the registered reader."""
+    if not _record_readers:
+        raise RuntimeError("No key record reader registered: is the keys app installed?")
+    return _record_readers[0](digest)
+
 
 # An allowlisted network as (IP version, network address, netmask) integers; a client address as (version, int).
 _Network = tuple[int, int, int]

@@ -2,9 +2,9 @@
 
 The upstream's API key is write-only here too: a password field that is never
 rendered back, a checkbox to clear it, and the ciphertext is never shown. Extra
-header values are shown masked; leaving the mask keeps the stored value. Writes
-go through ``proxy.services``; a model's inline deployments are saved by the
-admin's formsets and audited here.
+header values are shown masked; leaving the mask keeps the stored value. Every
+write goes through ``proxy.services``, a model's inline deployments too
+(``model_deployments_update``, right after the model, in the same transaction).
 """
 
 from __future__ import annotations
@@ -15,24 +15,26 @@ from typing import Any, cast
 
 from django import forms
 from django.contrib import admin
-from django.contrib.auth.base_user import AbstractBaseUser
 from django.core.exceptions import ValidationError
 from django.db.models import ForeignKey, QuerySet
 from django.forms import ModelChoiceField
-from django.forms.models import construct_instance
+from django.forms.models import BaseInlineFormSet, construct_instance
 from django.http import HttpRequest
 
-from gateway_stats.services import audit_record
+from apiforge.audit import audit_context
 from proxy.models import Deployment, Model, Upstream
 from proxy.selectors import model_list_for_admin
 from proxy.services import (
     MODEL_FIELDS,
     UPSTREAM_FIELDS,
+    DeploymentSpec,
     UpstreamFields,
+    deployments_errors,
     extra_headers_masked,
     extra_headers_merge,
     model_create,
     model_delete,
+    model_deployments_update,
     model_update,
     model_validate,
     upstream_create,
@@ -40,15 +42,6 @@ from proxy.services import (
     upstream_update,
     upstream_validate,
 )
-
-
-def _actor(request: HttpRequest) -> AbstractBaseUser | None:
-    user = request.user
-    return user if isinstance(user, AbstractBaseUser) else None
-
-
-def _client_ip(request: HttpRequest) -> str | None:
-    return request.META.get("REMOTE_ADDR") or None
 
 
 def _errors_add(form: forms.BaseForm, exc: ValidationError) -> None:
@@ -141,18 +134,13 @@ class UpstreamAdmin(admin.ModelAdmin):
 
     def save_model(self, request: HttpRequest, obj: Upstream, form: forms.ModelForm, change: bool) -> None:
         assert isinstance(form, UpstreamAdminForm)  # noqa: S101 - this admin always uses that form
-        actor = _actor(request)
+        audit = audit_context(request).service_kwargs()
         if change:
             saved = upstream_update(
-                upstream=Upstream.objects.get(pk=obj.pk),
-                data=form.upstream_fields(changed_only=True),
-                actor=actor,
-                ip_address=_client_ip(request),
+                upstream=Upstream.objects.get(pk=obj.pk), data=form.upstream_fields(changed_only=True), **audit
             )
         else:
-            saved = upstream_create(
-                data=form.upstream_fields(changed_only=False), actor=actor, ip_address=_client_ip(request)
-            )
+            saved = upstream_create(data=form.upstream_fields(changed_only=False), **audit)
         # The admin goes on with ``obj`` (messages, redirect, its own LogEntry).
         obj.pk = saved.pk
         obj.api_key_encrypted = saved.api_key_encrypted
@@ -160,15 +148,55 @@ class UpstreamAdmin(admin.ModelAdmin):
         obj.created_at, obj.updated_at = saved.created_at, saved.updated_at
 
     def delete_model(self, request: HttpRequest, obj: Upstream) -> None:
-        upstream_delete(upstream=obj, actor=_actor(request), ip_address=_client_ip(request))
+        upstream_delete(upstream=obj, **audit_context(request).service_kwargs())
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Upstream]) -> None:
+        audit = audit_context(request).service_kwargs()
         for upstream in queryset:
-            self.delete_model(request, upstream)
+            upstream_delete(upstream=upstream, **audit)
+
+
+class DeploymentInlineFormSet(BaseInlineFormSet):
+    """The inline rows as the service's ``DeploymentSpec``s, checked by the service's rules."""
+
+    def _deleting(self, form: forms.BaseForm) -> bool:
+        return bool(self.can_delete and getattr(form, "cleaned_data", {}).get("DELETE"))
+
+    def deployment_specs(self) -> list[DeploymentSpec]:
+        """The rows that stay (filled in and not marked for deletion), as the service wants them."""
+        return [
+            DeploymentSpec(
+                upstream=form.cleaned_data["upstream"],
+                upstream_model=form.cleaned_data["upstream_model"],
+                weight=form.cleaned_data["weight"],
+                is_active=form.cleaned_data["is_active"],
+            )
+            for form in self.forms
+            if form.cleaned_data and not self._deleting(form)
+        ]
+
+    def history_note(self) -> None:
+        """What ``save()`` would have noted for the admin's history entry (its change message reads it)."""
+        kept = [form for form in self.forms if not self._deleting(form)]
+        self.new_objects = [form.instance for form in kept if form.instance.pk is None and form.has_changed()]
+        self.changed_objects = [
+            (form.instance, form.changed_data) for form in kept if form.instance.pk is not None and form.has_changed()
+        ]
+        self.deleted_objects = [
+            form.instance for form in self.forms if form.instance.pk is not None and self._deleting(form)
+        ]
+
+    def clean(self) -> None:
+        super().clean()
+        if not any(form.errors for form in self.forms):
+            errors = deployments_errors(self.deployment_specs())
+            if errors:
+                raise ValidationError(errors)
 
 
 class DeploymentInline(admin.TabularInline):
     model = Deployment
+    formset = DeploymentInlineFormSet
     extra = 1
     min_num = 1
     fields = ["upstream", "upstream_model", "weight", "is_active"]
@@ -218,54 +246,33 @@ class ModelAdmin(admin.ModelAdmin):
         return int(getattr(obj, "deployment_count", 0))
 
     def save_model(self, request: HttpRequest, obj: Model, form: forms.ModelForm, change: bool) -> None:
-        # The model row goes through the services (validation, fallback renames, audit);
-        # the inline deployments are saved by the admin's formsets right after, in the same transaction.
+        # The model row goes through the services (validation, fallback renames, audit); its inline
+        # deployments follow in save_related, through the service too, in the same transaction.
         fields = [name for name in MODEL_FIELDS if not change or name in form.changed_data]
         data: dict[str, Any] = {name: form.cleaned_data[name] for name in fields}
+        audit = audit_context(request).service_kwargs()
         if change:
-            saved = model_update(
-                model=Model.objects.get(pk=obj.pk),
-                data=data,  # type: ignore[arg-type]
-                actor=_actor(request),
-                ip_address=_client_ip(request),
-            )
+            saved = model_update(model=Model.objects.get(pk=obj.pk), data=data, **audit)  # type: ignore[arg-type]
         else:
-            saved = model_create(
-                data=data,  # type: ignore[arg-type]
-                deployments=[],
-                actor=_actor(request),
-                ip_address=_client_ip(request),
-            )
+            saved = model_create(data=data, deployments=[], **audit)  # type: ignore[arg-type]
         obj.pk = saved.pk
         obj.created_at, obj.updated_at = saved.created_at, saved.updated_at
 
     def save_related(self, request: HttpRequest, form: forms.ModelForm, formsets: Any, change: bool) -> None:
-        super().save_related(request, form, formsets, change)
-        if not any(formset.has_changed() for formset in formsets):
-            return
-        obj = form.instance
-        deployments = [
-            {
-                "upstream": d.upstream.name,
-                "upstream_model": d.upstream_model,
-                "weight": d.weight,
-                "is_active": d.is_active,
-            }
-            for d in obj.deployments.select_related("upstream").order_by("pk")
-        ]
-        audit_record(
-            actor=_actor(request),
-            action="model.deployments_update",
-            object_type="proxy.model",
-            object_id=obj.pk,
-            object_repr=str(obj),
-            changes={"deployments": deployments},
-            ip_address=_client_ip(request),
-        )
+        # Instead of the formsets' own save(): the service validates, locks and invalidates the catalog.
+        for formset in formsets:
+            formset.history_note()
+            if isinstance(formset, DeploymentInlineFormSet) and formset.has_changed():
+                model_deployments_update(
+                    model=form.instance,
+                    deployments=formset.deployment_specs(),
+                    **audit_context(request).service_kwargs(),
+                )
 
     def delete_model(self, request: HttpRequest, obj: Model) -> None:
-        model_delete(model=obj, actor=_actor(request), ip_address=_client_ip(request))
+        model_delete(model=obj, **audit_context(request).service_kwargs())
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Model]) -> None:
+        audit = audit_context(request).service_kwargs()
         for model in queryset:
-            self.delete_model(request, model)
+            model_delete(model=model, **audit)

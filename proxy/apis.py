@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from django.contrib.auth.base_user import AbstractBaseUser
 from django.db.models import QuerySet
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_serializer, extend_schema_view
 from rest_framework import permissions, serializers, viewsets
-from rest_framework.request import Request
 
+from apiforge.audit import audit_context
 from apiforge.errors import ErrorResponseSerializer
 from apiforge.permissions import ReadOrStaffModelPermissions, StaffModelPermissions
 from proxy.models import Deployment, Model, Upstream
@@ -31,16 +30,6 @@ from proxy.services import (
     upstream_delete,
     upstream_update,
 )
-
-
-def _actor(request: Request) -> AbstractBaseUser | None:
-    user = request.user
-    return user if isinstance(user, AbstractBaseUser) else None
-
-
-def _client_ip(request: Request) -> str | None:
-    return request.META.get("REMOTE_ADDR") or None
-
 
 _ERROR = OpenApiResponse(ErrorResponseSerializer, description="Validation errors, by field.")
 
@@ -132,19 +121,18 @@ class UpstreamViewSet(viewsets.ModelViewSet[Upstream]):
 
     def perform_create(self, serializer: serializers.BaseSerializer[Upstream]) -> None:
         serializer.instance = upstream_create(
-            data=serializer.validated_data, actor=_actor(self.request), ip_address=_client_ip(self.request)
+            data=serializer.validated_data, **audit_context(self.request).service_kwargs()
         )
 
     def perform_update(self, serializer: serializers.BaseSerializer[Upstream]) -> None:
         serializer.instance = upstream_update(
             upstream=cast(Upstream, serializer.instance),
             data=serializer.validated_data,
-            actor=_actor(self.request),
-            ip_address=_client_ip(self.request),
+            **audit_context(self.request).service_kwargs(),
         )
 
     def perform_destroy(self, instance: Upstream) -> None:
-        upstream_delete(upstream=instance, actor=_actor(self.request), ip_address=_client_ip(self.request))
+        upstream_delete(upstream=instance, **audit_context(self.request).service_kwargs())
 
 
 # --- Models ------------------------------------------------------------------
@@ -167,7 +155,8 @@ _DEPLOYMENTS_HELP = (
 )
 
 
-class ModelSerializer(serializers.ModelSerializer[Model]):
+@extend_schema_serializer(component_name="Model")  # the schema's names predate the class name
+class PublicModelSerializer(serializers.ModelSerializer[Model]):
     """A public model as staff see it, deployments included."""
 
     fallbacks = serializers.ListField(
@@ -177,7 +166,7 @@ class ModelSerializer(serializers.ModelSerializer[Model]):
     )
     deployments = DeploymentSerializer(
         many=True,
-        required=False,  # required on create: validate(), and ModelCreateSerializer for the schema
+        required=False,  # required on create: validate(), and PublicModelCreateSerializer for the schema
         allow_empty=False,
         help_text=_DEPLOYMENTS_HELP,
     )
@@ -206,13 +195,13 @@ class ModelSerializer(serializers.ModelSerializer[Model]):
 
 
 @extend_schema_serializer(component_name="Model")  # the create body stays "ModelRequest"
-class ModelCreateSerializer(ModelSerializer):
-    """The create body, for the schema: ``deployments`` is required there (``ModelSerializer.validate``)."""
+class PublicModelCreateSerializer(PublicModelSerializer):
+    """The create body, for the schema: ``deployments`` is required there (``PublicModelSerializer.validate``)."""
 
     deployments = DeploymentSerializer(many=True, allow_empty=False, help_text=_DEPLOYMENTS_HELP)
 
 
-class ModelPublicSerializer(serializers.ModelSerializer[Model]):
+class PublicModelSummarySerializer(serializers.ModelSerializer[Model]):
     """A public model as a non-staff user sees it: no upstream details."""
 
     class Meta:
@@ -243,13 +232,15 @@ _MODELS_READ = (
     list=extend_schema(summary="List models", description=_MODELS_READ),
     retrieve=extend_schema(summary="Read a model", description=_MODELS_READ),
     create=extend_schema(
-        summary="Create a model (staff)", request=ModelCreateSerializer, responses={201: ModelSerializer, 400: _ERROR}
+        summary="Create a model (staff)",
+        request=PublicModelCreateSerializer,
+        responses={201: PublicModelSerializer, 400: _ERROR},
     ),
-    partial_update=extend_schema(summary="Change a model (staff)", responses={200: ModelSerializer, 400: _ERROR}),
+    partial_update=extend_schema(summary="Change a model (staff)", responses={200: PublicModelSerializer, 400: _ERROR}),
     destroy=extend_schema(summary="Delete a model (staff); it is also dropped from other models' fallbacks"),
 )
 @extend_schema(tags=["models"])
-class ModelViewSet(viewsets.ModelViewSet[Model]):
+class PublicModelViewSet(viewsets.ModelViewSet[Model]):
     """Public model names and the deployments that serve them."""
 
     # Reads: any authenticated user (the queryset decides what they see); writes: staff with
@@ -267,8 +258,8 @@ class ModelViewSet(viewsets.ModelViewSet[Model]):
     def get_serializer_class(self) -> type[serializers.BaseSerializer[Model]]:
         # The schema documents the staff shape; answers to users who do not see every model are a subset of it.
         if getattr(self, "swagger_fake_view", False) or self._writing():
-            return ModelSerializer
-        return ModelSerializer if model_list_sees_all(user=self.request.user) else ModelPublicSerializer
+            return PublicModelSerializer
+        return PublicModelSerializer if model_list_sees_all(user=self.request.user) else PublicModelSummarySerializer
 
     def get_queryset(self) -> QuerySet[Model]:
         if getattr(self, "swagger_fake_view", False):
@@ -286,8 +277,7 @@ class ModelViewSet(viewsets.ModelViewSet[Model]):
         model = model_create(
             data=cast(ModelFields, data),
             deployments=deployments,
-            actor=_actor(self.request),
-            ip_address=_client_ip(self.request),
+            **audit_context(self.request).service_kwargs(),
         )
         serializer.instance = self._fresh(model)
 
@@ -298,10 +288,9 @@ class ModelViewSet(viewsets.ModelViewSet[Model]):
             model=cast(Model, serializer.instance),
             data=cast(ModelFields, data),
             deployments=_deployment_specs(items) if items is not None else None,
-            actor=_actor(self.request),
-            ip_address=_client_ip(self.request),
+            **audit_context(self.request).service_kwargs(),
         )
         serializer.instance = self._fresh(model)
 
     def perform_destroy(self, instance: Model) -> None:
-        model_delete(model=instance, actor=_actor(self.request), ip_address=_client_ip(self.request))
+        model_delete(model=instance, **audit_context(self.request).service_kwargs())

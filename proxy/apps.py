@@ -6,5 +6,12 @@ class ProxyConfig(AppConfig):
     name = "proxy"
 
     def ready(self) -> None:
-        # Registers the catalog's cache invalidation on model writes.
-        from proxy import catalog  # noqa: F401
+        from keys.scopes import scope_checker_register
+        from proxy.catalog import catalog_rows_reader_register
+        from proxy.selectors import catalog_rows, model_names_unknown
+
+        # The hot path's catalog reads the database (on a miss) only through this reader.
+        catalog_rows_reader_register(catalog_rows)
+
+        # The keys services check that the models a key names exist; the names are this app's data.
+        scope_checker_register("models", model_names_unknown)

@@ -3,28 +3,42 @@
 The proxy never queries the database per request: the whole catalog (it is
 small: models x deployments) is loaded in one go into a ``SyncedLocalCache``
 and rebuilt after any change to an Upstream, Model or Deployment, on every
-worker within the cache sync interval. Invalidation hangs off ``post_save`` /
-``post_delete`` so that every write path (API, admin, shell, fixtures) is
-covered; it only touches the cache, never business state.
+worker within the cache sync interval. The writers (``proxy.services``, which the
+API, the admin and the commands all go through) call ``catalog_invalidate_on_commit()``
+inside their transactions; it only touches the cache, never business state.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db.models.signals import post_delete, post_save
 from multidict import CIMultiDict
 from yarl import URL
 
 from apiforge.local_cache import SyncedLocalCache
-from proxy.models import Deployment, Model, Upstream
+
+if TYPE_CHECKING:
+    from proxy.models import Deployment, Model, Upstream
+
+# The active deployments (their upstreams joined) and the active models: ``proxy.selectors.catalog_rows``,
+# registered by ``ProxyConfig.ready()``. Plugged in rather than imported so that this module, which the
+# hot path imports, links no ORM model code (the hot-path import contract).
+CatalogRowsReader = Callable[[], "tuple[Iterable[Deployment], Iterable[Model]]"]
+_rows_readers: list[CatalogRowsReader] = []
+
+
+def catalog_rows_reader_register(reader: CatalogRowsReader) -> None:
+    """Make ``reader`` what ``catalog_load`` reads the database with; a later call replaces it."""
+    _rows_readers[:] = [reader]
+
 
 ENDPOINTS = ("chat/completions", "completions", "embeddings", "models")
 
@@ -113,7 +127,9 @@ def catalog_load() -> Catalog:
     """Build the catalog from the database (two queries)."""
     deployments: dict[int, list[DeploymentTarget]] = {}
     targets: dict[int, UpstreamTarget] = {}
-    rows = Deployment.objects.filter(is_active=True, upstream__is_active=True).select_related("upstream")
+    if not _rows_readers:
+        raise RuntimeError("No catalog reader registered: is the proxy app installed?")
+    rows, model_rows = _rows_readers[0]()
     for deployment in rows:
         upstream = deployment.upstream
         target = targets.get(upstream.pk) or targets.setdefault(upstream.pk, _upstream_target(upstream))
@@ -121,7 +137,7 @@ def catalog_load() -> Catalog:
             DeploymentTarget(upstream=target, upstream_model=deployment.upstream_model, weight=deployment.weight)
         )
     models: dict[str, ModelTarget] = {}
-    for model in Model.objects.filter(is_active=True):
+    for model in model_rows:
         routes = tuple(deployments.get(model.pk, ()))
         models[model.name] = ModelTarget(
             name=model.name,
@@ -162,12 +178,11 @@ def catalog_invalidate() -> None:
     _cache.invalidate()
 
 
-def _on_change(sender: type, **kwargs: Any) -> None:
-    # Inside the writer's transaction: an unreachable shared cache fails the write (CacheUnavailable, 503)
-    # instead of leaving other workers on the old catalog; published again once committed.
+def catalog_invalidate_on_commit() -> None:
+    """For every write of an upstream, model or deployment, inside its transaction (the services call it).
+
+    Bumps the catalog's generation at once, so an unreachable shared cache fails the write
+    (``CacheUnavailable``, 503) instead of leaving other workers on the old catalog, and again once
+    committed. Explicit rather than a ``post_save`` signal: a ``QuerySet.update()`` fires none.
+    """
     _cache.invalidate_on_commit()
-
-
-for _model in (Upstream, Model, Deployment):
-    post_save.connect(_on_change, sender=_model, dispatch_uid=f"catalog-{_model.__name__}-save")
-    post_delete.connect(_on_change, sender=_model, dispatch_uid=f"catalog-{_model.__name__}-delete")

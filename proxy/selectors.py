@@ -1,6 +1,7 @@
 """Reads of the proxy app: upstream and model lists for the management API and admin.
 
-``model_names_unknown`` is also what the keys app uses to validate key scopes.
+``model_names_unknown`` is also what the keys services check key scopes with (registered in
+``ProxyConfig.ready()`` through ``keys.scopes``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from django.contrib.auth.models import AnonymousUser
 from django.db.models import Count, Prefetch, QuerySet
 
 from apiforge.permissions import staff_has_model_perm
+from keys import selectors as keys_selectors
 from proxy.models import Deployment, Model, Upstream
 
 
@@ -20,6 +22,13 @@ def model_names_unknown(names: Iterable[str]) -> list[str]:
     wanted = list(dict.fromkeys(names))
     known = set(Model.objects.filter(name__in=wanted).values_list("name", flat=True))
     return [name for name in wanted if name not in known]
+
+
+def catalog_rows() -> tuple[QuerySet[Deployment], QuerySet[Model]]:
+    """What the routing catalog is built from (``proxy.catalog.catalog_load``): the active deployments
+    of active upstreams, their upstreams joined, and the active models. Two queries."""
+    deployments = Deployment.objects.filter(is_active=True, upstream__is_active=True).select_related("upstream")
+    return deployments, Model.objects.filter(is_active=True)
 
 
 def upstream_list() -> QuerySet[Upstream]:
@@ -41,10 +50,6 @@ def model_list_for_user(*, user: AbstractBaseUser | AnonymousUser | None) -> Que
         return model_list()
     if user is None or not user.is_authenticated or user.pk is None:
         return Model.objects.none()
-    # Imported here: keys.models validates scopes with model_names_unknown above, so a module-level
-    # import would make keys.models -> proxy.selectors -> keys.selectors -> keys.models a cycle.
-    from keys import selectors as keys_selectors
-
     allows_all, names = keys_selectors.key_model_scopes_for_user(user_id=user.pk)
     visible = Model.objects.filter(is_active=True)
     if allows_all:

@@ -6,8 +6,12 @@ not override what the proxy itself sets, fallbacks name other existing models).
 Errors are Django ``ValidationError``s keyed by field name. Secrets (the upstream
 API key, extra header values) never reach the audit trail.
 
-Row locks are taken upstreams first (in primary-key order), then models, so a
-deployment cannot be written against an upstream that is being deleted.
+Row locks are taken upstreams first, then models, each kind in one query in
+primary-key order (``_models_lock``): a deployment cannot be written against an
+upstream that is being deleted, and two writers whose models overlap (a rename
+and the models naming the renamed one as a fallback) wait for each other instead
+of deadlocking. Every write calls ``catalog_invalidate_on_commit()`` inside its
+transaction, so the proxy's cached catalog follows (or the write fails with 503).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from django.db import transaction
 from django.db.models import ProtectedError
 
 from gateway_stats.services import audit_record
+from proxy.catalog import catalog_invalidate_on_commit
 from proxy.exceptions import UpstreamInUse
 from proxy.models import Deployment, Model, Upstream
 
@@ -117,7 +122,7 @@ def _audit(
         object_type=f"proxy.{action.split('.', 1)[0]}",
         object_id=object_id,
         object_repr=object_repr,
-        changes=_json_safe(changes),
+        changes=changes,
         ip_address=ip_address,
     )
 
@@ -220,6 +225,7 @@ def upstream_create(
     upstream = Upstream(**fields)
     upstream.api_key = data.get("api_key", "")
     upstream_validate(upstream=upstream)
+    catalog_invalidate_on_commit()
     upstream.save()
     changes = _upstream_snapshot(upstream)
     changes["api_key"] = "set" if upstream.has_api_key else "unset"
@@ -262,6 +268,7 @@ def upstream_update(
         changes["api_key"] = key_change
     if not changes:
         return locked
+    catalog_invalidate_on_commit()
     locked.save()
     _audit("upstream.update", locked.pk, str(locked), changes, actor, ip_address)
     return locked
@@ -277,6 +284,7 @@ def upstream_delete(
     if model_names:
         raise UpstreamInUse(upstream_name=locked.name, model_names=model_names)
     pk, name = locked.pk, locked.name
+    catalog_invalidate_on_commit()
     try:
         locked.delete()
     except ProtectedError as exc:  # a deployment appeared between the check and the delete
@@ -314,7 +322,8 @@ def model_validate(*, model: Model, model_checks: bool = True) -> None:
         raise ValidationError(errors)
 
 
-def _deployments_validate(deployments: Sequence[DeploymentSpec]) -> None:
+def deployments_errors(deployments: Sequence[DeploymentSpec]) -> list[str]:
+    """What is wrong with a model's wanted deployments on their own (the admin's inline formset asks too)."""
     keys = [(spec.upstream.pk, spec.upstream_model) for spec in deployments]
     messages: list[str] = []
     if len(set(keys)) != len(keys):
@@ -324,6 +333,11 @@ def _deployments_validate(deployments: Sequence[DeploymentSpec]) -> None:
             messages.append("upstream_model may not be blank.")
         if spec.weight < 0:
             messages.append("weight must be 0 or more.")
+    return messages
+
+
+def _deployments_validate(deployments: Sequence[DeploymentSpec]) -> None:
+    messages = deployments_errors(deployments)
     wanted = sorted({spec.upstream.pk for spec in deployments})
     # Lock the upstreams (primary-key order) so none is deleted under the new deployments.
     present = set(
@@ -342,7 +356,7 @@ def _deployments_replace(*, model: Model, deployments: Sequence[DeploymentSpec])
     wanted = {(spec.upstream.pk, spec.upstream_model): spec for spec in deployments}
     for key, dep in existing.items():
         if key not in wanted:
-            dep.delete()  # one by one, so post_delete reaches the catalog's invalidation
+            dep.delete()
     for key, spec in wanted.items():
         current = existing.get(key)
         if current is None:
@@ -371,11 +385,37 @@ def _deployments_snapshot(model: Model) -> list[dict[str, Any]]:
     ]
 
 
-def _fallbacks_rewrite(*, old_name: str, new_name: str | None, exclude_pk: int) -> list[str]:
-    """Rename (or, with ``new_name=None``, drop) ``old_name`` in the other models' fallbacks."""
-    holders = [m.pk for m in Model.objects.exclude(pk=exclude_pk).only("pk", "fallbacks") if old_name in m.fallbacks]
+def _fallback_holders(name: str, *, exclude_pk: int) -> set[int]:
+    """The other models naming ``name`` among their fallbacks."""
+    return {m.pk for m in Model.objects.exclude(pk=exclude_pk).only("pk", "fallbacks") if name in m.fallbacks}
+
+
+def _models_lock(*, model: Model, with_fallback_holders: bool) -> tuple[Model, list[Model]]:
+    """Lock ``model`` (and, when asked, the models naming it as a fallback) in one query, in primary-key order.
+
+    Returns the locked model and the locked holders. Every model write locks this way, so a rename of A
+    (which locks the models naming A) and a rename of B named by A wait for each other instead of each
+    holding one row and waiting for the other. Should a model start naming ``model`` between the read of
+    the holders and the lock, the lock is taken again over the larger set.
+    """
+    pks = {model.pk, *(_fallback_holders(model.name, exclude_pk=model.pk) if with_fallback_holders else ())}
+    while True:
+        rows = {row.pk: row for row in Model.objects.select_for_update().filter(pk__in=pks).order_by("pk")}
+        if model.pk not in rows:
+            raise Model.DoesNotExist("Model matching query does not exist.")
+        locked = rows[model.pk]
+        if not with_fallback_holders:
+            return locked, []
+        holders = _fallback_holders(locked.name, exclude_pk=locked.pk)
+        if holders <= rows.keys():
+            return locked, [rows[pk] for pk in sorted(holders)]
+        pks |= holders
+
+
+def _fallbacks_rewrite(*, old_name: str, new_name: str | None, holders: Sequence[Model]) -> list[str]:
+    """Rename (or, with ``new_name=None``, drop) ``old_name`` in the fallbacks of ``holders`` (locked)."""
     touched: list[str] = []
-    for other in Model.objects.select_for_update().filter(pk__in=holders).order_by("pk"):
+    for other in holders:
         rewritten: list[str] = []
         for name in other.fallbacks:
             replacement = name if name != old_name else new_name
@@ -403,6 +443,7 @@ def model_create(
     _deployments_validate(deployments)
     model = Model(**{key: value for key, value in data.items() if key in MODEL_FIELDS})
     model_validate(model=model)
+    catalog_invalidate_on_commit()
     model.save()
     changes = _model_snapshot(model)
     changes["deployments"] = _deployments_replace(model=model, deployments=deployments)
@@ -425,7 +466,8 @@ def model_update(
     """
     if deployments is not None:
         _deployments_validate(deployments)
-    locked = Model.objects.select_for_update().get(pk=model.pk)
+    # A name in ``data`` may rename: lock the models naming the stored name along with this one.
+    locked, holders = _models_lock(model=model, with_fallback_holders="name" in data)
     before = _model_snapshot(locked)
     before_deployments = _deployments_snapshot(locked) if deployments is not None else []
     for field in MODEL_FIELDS:
@@ -441,11 +483,12 @@ def model_update(
         if after_deployments != before_deployments:
             changes["deployments"] = [before_deployments, after_deployments]
     if before["name"] != locked.name:
-        renamed_in = _fallbacks_rewrite(old_name=before["name"], new_name=locked.name, exclude_pk=locked.pk)
+        renamed_in = _fallbacks_rewrite(old_name=before["name"], new_name=locked.name, holders=holders)
         if renamed_in:
             changes["fallback_renamed_in"] = renamed_in
     if not changes:
         return locked
+    catalog_invalidate_on_commit()
     _audit("model.update", locked.pk, str(locked), changes, actor, ip_address)
     return locked
 
@@ -453,22 +496,32 @@ def model_update(
 @transaction.atomic
 def model_delete(*, model: Model, actor: AbstractBaseUser | None = None, ip_address: str | None = None) -> None:
     """Delete ``model`` and its deployments, and drop it from the other models' fallbacks."""
-    locked = Model.objects.select_for_update().get(pk=model.pk)
+    locked, holders = _models_lock(model=model, with_fallback_holders=True)
     pk, name = locked.pk, locked.name
     deployments = _deployments_snapshot(locked)
-    removed_from = _fallbacks_rewrite(old_name=name, new_name=None, exclude_pk=pk)
-    locked.delete()  # the deployments cascade, each with its post_delete signal
+    catalog_invalidate_on_commit()
+    removed_from = _fallbacks_rewrite(old_name=name, new_name=None, holders=holders)
+    locked.delete()  # the deployments cascade
     changes: dict[str, Any] = {"name": name, "deployments": deployments}
     if removed_from:
         changes["fallback_removed_from"] = removed_from
     _audit("model.delete", pk, name, changes, actor, ip_address)
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(key): _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    if isinstance(value, Decimal):
-        return str(value)
-    return value
+@transaction.atomic
+def model_deployments_update(
+    *,
+    model: Model,
+    deployments: Sequence[DeploymentSpec],
+    actor: AbstractBaseUser | None = None,
+    ip_address: str | None = None,
+) -> Model:
+    """Make ``model``'s deployments exactly ``deployments`` (the admin's inline rows, saved after the model)."""
+    _deployments_validate(deployments)
+    locked, _ = _models_lock(model=model, with_fallback_holders=False)
+    before = _deployments_snapshot(locked)
+    after = _deployments_replace(model=locked, deployments=deployments)
+    if after != before:
+        catalog_invalidate_on_commit()
+        _audit("model.deployments_update", locked.pk, str(locked), {"deployments": after}, actor, ip_address)
+    return locked

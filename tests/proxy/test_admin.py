@@ -316,3 +316,59 @@ def test_admin_rename_is_carried_into_fallbacks(admin_client: Client) -> None:
     holder.refresh_from_db()
     assert holder.fallbacks == ["small-v2"]
     assert Model.objects.filter(name="small-v2").exists()
+
+
+def _inline_rows(model: Model, rows: list[tuple[Upstream, str]], *, initial: int) -> dict[str, Any]:
+    form: dict[str, Any] = {
+        "name": model.name,
+        "is_active": "on",
+        "fallbacks": json.dumps(model.fallbacks),
+        "input_price_per_1k": str(model.input_price_per_1k),
+        "output_price_per_1k": str(model.output_price_per_1k),
+        "deployments-TOTAL_FORMS": str(len(rows)),
+        "deployments-INITIAL_FORMS": str(initial),
+        "deployments-MIN_NUM_FORMS": "1",
+        "deployments-MAX_NUM_FORMS": "1000",
+    }
+    existing = list(model.deployments.order_by("pk"))
+    for index, (upstream, upstream_model) in enumerate(rows):
+        if index < initial:
+            form[f"deployments-{index}-id"] = str(existing[index].pk)
+            form[f"deployments-{index}-model"] = str(model.pk)
+        form[f"deployments-{index}-upstream"] = str(upstream.pk)
+        form[f"deployments-{index}-upstream_model"] = upstream_model
+        form[f"deployments-{index}-weight"] = "1"
+        form[f"deployments-{index}-is_active"] = "on"
+    return form
+
+
+def test_inline_deployments_are_saved_by_the_service_and_reach_the_catalog_at_once(
+    admin_client: Client, admin_user: User
+) -> None:
+    from proxy.catalog import catalog_get
+
+    deployment = DeploymentFactory(model__name="m")
+    model, other = deployment.model, UpstreamFactory()
+    assert len(catalog_get().models["m"].deployments) == 1  # this worker holds the catalog in memory
+    rows = [(deployment.upstream, deployment.upstream_model), (other, "second")]
+
+    response = admin_client.post(f"{MODEL_LIST}{model.pk}/change/", _inline_rows(model, rows, initial=1))
+
+    assert response.status_code == 302, response.content[:3000]
+    assert len(catalog_get().models["m"].deployments) == 2
+    event = AuditEvent.objects.get(action="model.deployments_update")
+    assert event.actor == admin_user
+    assert [row["upstream_model"] for row in event.changes["deployments"]] == [deployment.upstream_model, "second"]
+
+
+def test_the_same_inline_deployment_twice_is_a_form_error_and_saves_nothing(admin_client: Client) -> None:
+    deployment = DeploymentFactory(model__name="m")
+    rows = [(deployment.upstream, "dup"), (deployment.upstream, "dup")]
+
+    response = admin_client.post(
+        f"{MODEL_LIST}{deployment.model_id}/change/", _inline_rows(deployment.model, rows, initial=1)
+    )
+
+    assert response.status_code == 200
+    assert list(Deployment.objects.values_list("upstream_model", flat=True)) == [deployment.upstream_model]
+    assert not AuditEvent.objects.filter(action="model.deployments_update").exists()

@@ -729,3 +729,31 @@ def test_schema_documents_both_endpoints_with_a_write_only_api_key(staff_client:
     assert "has_api_key" in components["Upstream"]["properties"]
     assert "api_key" in components["PatchedUpstreamRequest"]["properties"]
     assert "deployments" in components["ModelRequest"]["properties"]
+
+
+def test_crossed_renames_of_two_models_naming_each_other_both_reach_the_fallbacks(staff_client: APIClient) -> None:
+    first = DeploymentFactory(model__name="a", model__fallbacks=["b"]).model
+    second = DeploymentFactory(model__name="b", model__fallbacks=["a"]).model
+
+    assert staff_client.patch(f"{MODELS}{first.pk}/", {"name": "a2"}, format="json").status_code == 200
+    assert staff_client.patch(f"{MODELS}{second.pk}/", {"name": "b2"}, format="json").status_code == 200
+
+    assert dict(Model.objects.values_list("name", "fallbacks")) == {"a2": ["b2"], "b2": ["a2"]}
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="row locks are PostgreSQL's (SQLite locks the file)")
+def test_a_rename_locks_the_model_and_the_models_naming_it_in_one_query_in_key_order(
+    staff_client: APIClient,
+) -> None:
+    target = DeploymentFactory(model__name="small").model
+    DeploymentFactory(model__name="big", model__fallbacks=["small"])
+
+    with CaptureQueriesContext(connection) as context:
+        response = staff_client.patch(f"{MODELS}{target.pk}/", {"name": "small-v2"}, format="json")
+
+    assert response.status_code == 200, response.content
+    model_locks = [
+        q["sql"] for q in context.captured_queries if "FOR UPDATE" in q["sql"] and '"proxy_model"' in q["sql"]
+    ]
+    assert len(model_locks) == 1
+    assert 'ORDER BY "proxy_model"."id" ASC' in model_locks[0]
