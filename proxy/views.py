@@ -13,6 +13,7 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from apiforge.client_ip import client_ip
 from apiforge.request_id import request_id_from
 from proxy.edge.exchange import ProxyRequest
 from proxy.edge.ingress import answer_headers, ingress_refusal, request_headers
@@ -46,7 +47,7 @@ async def openai_proxy(request: HttpRequest, path: str) -> HttpResponse | Stream
                 method=request.method or "GET",
                 path=request.path_info,
                 api_key=api_key,
-                client_ip=request.META.get("REMOTE_ADDR"),
+                client_ip=client_ip(request),
                 request_id=request_id,
                 body=body,
             )
