@@ -3,12 +3,12 @@
 Startup freezes what is loaded so far out of the cyclic GC's reach, then runs the start hooks;
 shutdown runs the stop hooks in order (the proxy's upstream pool first, so no call is in flight when
 the usage emitter flushes its last events), each guarded so one failing hook does not skip the others.
-Future health checkers and subscribers register here too.
+Apps register their hooks in ``AppConfig.ready()`` (``lifespan_hooks_register``): the proxy closes its
+upstream pool, gateway_stats stops its usage emitter. Future health checkers and subscribers do the same.
 """
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -28,20 +28,18 @@ class AppHooks:
     stop: Hook | None = None
 
 
-async def _usage_emitter_stop() -> None:
-    from gateway_stats.usage import emitter
+_registered: list[AppHooks] = []
 
-    # Joins the emitter's thread (a last flush to the sinks): off the event loop.
-    await asyncio.to_thread(emitter.stop)
+
+def lifespan_hooks_register(hooks: AppHooks) -> None:
+    """Called by each app's ``AppConfig.ready()``: its start/stop hooks, run in registration order (the
+    order of ``INSTALLED_APPS``; an app registering twice replaces its earlier hooks)."""
+    _registered[:] = [registered for registered in _registered if registered.app != hooks.app]
+    _registered.append(hooks)
 
 
 def _app_hooks() -> tuple[AppHooks, ...]:
-    from proxy.upstream_client import upstream_session_close
-
-    return (
-        AppHooks("proxy", stop=upstream_session_close),
-        AppHooks("gateway_stats", stop=_usage_emitter_stop),
-    )
+    return tuple(_registered)
 
 
 async def lifespan(

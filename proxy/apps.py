@@ -6,6 +6,11 @@ class ProxyConfig(AppConfig):
     name = "proxy"
 
     def ready(self) -> None:
+        from apiforge.lifespan import AppHooks, lifespan_hooks_register
+        from proxy.upstream_client import upstream_session_close
+
+        # Closed at shutdown before gateway_stats' usage emitter stops (INSTALLED_APPS order).
+        lifespan_hooks_register(AppHooks("proxy", stop=upstream_session_close))
         from keys.scopes import scope_checker_register
         from proxy.catalog import catalog_rows_reader_register
         from proxy.selectors import catalog_rows, model_names_unknown
