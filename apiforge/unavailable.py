@@ -26,7 +26,9 @@ logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 5
 
-_DATABASE_ERRORS = (OperationalError, InterfaceError)
+# The database errors that mean "unreachable or saturated" (a psycopg pool timeout is an OperationalError);
+# the proxy maps the same ones to its OpenAI-shaped 503.
+DATABASE_ERRORS = (OperationalError, InterfaceError)
 _CACHE_ERRORS = (ConnectionInterrupted, RedisConnectionError, RedisTimeoutError)
 
 
@@ -34,7 +36,7 @@ def unavailable_answer(exc: BaseException) -> tuple[str, str] | None:
     """``(message, code)`` when ``exc`` means a dependency is unavailable, else None."""
     if isinstance(exc, CacheUnavailable):
         return str(exc), "cache_unavailable"
-    if isinstance(exc, _DATABASE_ERRORS):
+    if isinstance(exc, DATABASE_ERRORS):
         return "The database is unavailable or busy; retry shortly.", "database_unavailable"
     if isinstance(exc, _CACHE_ERRORS):
         return "The shared cache is unavailable; retry shortly.", "cache_unavailable"

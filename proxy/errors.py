@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import orjson
 
+from apiforge.unavailable import RETRY_AFTER_S
+
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -120,8 +122,6 @@ class UpstreamBrokeOff(UpstreamError):
         super().__init__(502, message, code="upstream_error")
 
 
-# Seconds a client should wait before retrying when the database is unreachable.
-RETRY_AFTER_S = 5
 _RETRY_AFTER = ((b"retry-after", str(RETRY_AFTER_S).encode()),)
 
 
@@ -132,6 +132,19 @@ def service_unavailable() -> ProxyError:
         code="service_unavailable",
         headers=_RETRY_AFTER,
     )
+
+
+# A secret shorter than this is not blanked out of a message: it cannot be a real credential, and
+# replacing it would garble the text.
+MIN_SECRET_LENGTH = 8
+
+
+def secret_blank(message: str, secret: str | None) -> str:
+    """``message`` with ``secret`` replaced by ``***`` (client-supplied values and upstream error texts can quote
+    a credential: the presented key in a model name, ours in "Incorrect API key provided: ...")."""
+    if secret and len(secret) >= MIN_SECRET_LENGTH and secret in message:
+        return message.replace(secret, "***")
+    return message
 
 
 def internal_error() -> ProxyError:

@@ -17,14 +17,19 @@ import orjson
 
 from proxy.catalog import DeploymentTarget, UpstreamTarget
 from proxy.edge.payload import too_deep
-from proxy.errors import UpstreamBrokeOff, UpstreamError, UpstreamRefused, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import (
+    UpstreamBrokeOff,
+    UpstreamError,
+    UpstreamRefused,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    secret_blank,
+)
 from proxy.mock_backend import mock_answer, mock_stream
 from proxy.upstream_client import upstream_session
 
 # Upstream request headers that carry our credentials (Bearer tokens, Azure's api-key).
 _SECRET_HEADERS = ("authorization", "api-key", "x-api-key")
-# Shortest credential blanked out of an upstream's message (shorter ones cannot be real secrets).
-_MIN_SECRET_LENGTH = 8
 
 
 @dataclass(slots=True)
@@ -127,9 +132,7 @@ def _error_message(body: bytes, upstream: UpstreamTarget) -> str:
     for name in _SECRET_HEADERS:
         value = upstream.headers.get(name)
         if value:
-            secret = value[7:] if value[:7].lower() == "bearer " else value
-            if len(secret) >= _MIN_SECRET_LENGTH and secret in message:
-                message = message.replace(secret, "***")
+            message = secret_blank(message, value[7:] if value[:7].lower() == "bearer " else value)
     return message[:500]
 
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
-from django.db import InterfaceError, OperationalError
-
+from apiforge.unavailable import DATABASE_ERRORS
 from gateway_stats.usage import UsageEvent
 from keys.verification import KeyPolicy
 from proxy.catalog import catalog_get_async
@@ -24,14 +23,9 @@ from proxy.edge.payload import payload_parse, stream_usage_request
 from proxy.edge.pick import candidates, deployment_note, deployment_pick
 from proxy.edge.relay import relay
 from proxy.edge.send import upstream_send
-from proxy.errors import ProxyError, UpstreamError, internal_error, service_unavailable
+from proxy.errors import ProxyError, UpstreamError, internal_error, secret_blank, service_unavailable
 
 logger = logging.getLogger(__name__)
-
-_DATABASE_DOWN = (OperationalError, InterfaceError)
-# Shortest presented key that is blanked out of an error message (shorter ones cannot be real secrets,
-# and blanking them would garble the message).
-_MIN_SECRET_LENGTH = 8
 
 
 async def proxy_handle(request: ProxyRequest) -> ProxyResponse:
@@ -98,15 +92,14 @@ async def _forward(
 
 
 def _error_response(error: ProxyError, api_key: str | None = None) -> ProxyResponse:
-    if api_key and len(api_key) >= _MIN_SECRET_LENGTH and api_key in error.message:
-        # A client-supplied value echoed in a message (a model name, a path) may carry the key itself.
-        error.message = error.message.replace(api_key, "***")
+    # A client-supplied value echoed in a message (a model name, a path) may carry the key itself.
+    error.message = secret_blank(error.message, api_key)
     return ProxyResponse(status=error.status, body=error.body(), headers=list(error.headers))
 
 
 def _unexpected_error(exc: Exception) -> ProxyError:
     """The answer for an exception no refusal accounts for: 503 for a dependency outage, else a logged 500."""
-    if isinstance(exc, _DATABASE_DOWN):
+    if isinstance(exc, DATABASE_ERRORS):
         # The database is unreachable (or its pool exhausted: psycopg_pool's PoolTimeout reaches us as an
         # OperationalError) and this answer needs it: a key or the catalog not in memory or the shared
         # cache. Not logged per request: the health check and the usage events' error_code show it.
