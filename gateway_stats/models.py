@@ -1,7 +1,76 @@
-"""Audit trail (who did what to which object, when, from where)."""
+"""The usage ledger (one row per proxied call) and the audit trail."""
+
+from __future__ import annotations
 
 from django.conf import settings
 from django.db import models
+
+
+class UsageRecord(models.Model):
+    """One proxied call, written once by the usage consumer, never on the request path.
+
+    ``event_id`` is the call's own unique id (made by the process that served it): a redelivered batch
+    carries the same ids, so inserting it again changes nothing. ``request_id`` is the ``x-request-id`` of
+    the answer, which a client may choose (and reuse): indexed, not unique, so a reused one loses no call.
+
+    ``key`` and ``user`` are references without database constraints: the ledger outlives the keys and users
+    it names, and rows arrive in bulk from a consumer that must not fail on a key deleted in the meantime.
+    The prices in force at call time ride on the row, so its ``cost`` can always be checked.
+    """
+
+    event_id = models.CharField(max_length=40, unique=True)
+    request_id = models.CharField(max_length=128, db_index=True)
+    started_at = models.DateTimeField(help_text="When the call arrived.")
+    ingested_at = models.DateTimeField(auto_now_add=True, db_index=True, help_text="When the ledger received it.")
+    key = models.ForeignKey(
+        "keys.ApiKey", null=True, blank=True, on_delete=models.DO_NOTHING, db_constraint=False, related_name="+"
+    )
+    key_prefix = models.CharField(max_length=32, blank=True)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="+",
+    )
+    model = models.CharField(max_length=128, blank=True)
+    upstream = models.CharField(max_length=128, blank=True)
+    upstream_model = models.CharField(max_length=200, blank=True)
+    route = models.CharField(max_length=128, blank=True)
+    endpoint = models.CharField(max_length=200)
+    method = models.CharField(max_length=10, default="POST")
+    status = models.PositiveSmallIntegerField()
+    error_code = models.CharField(max_length=64, blank=True)
+    stream = models.BooleanField(default=False)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    total_tokens = models.PositiveIntegerField(default=0)
+    input_price_per_1k = models.DecimalField(max_digits=12, decimal_places=6, default=0)
+    output_price_per_1k = models.DecimalField(max_digits=12, decimal_places=6, default=0)
+    cost = models.DecimalField(max_digits=20, decimal_places=10, default=0)
+    latency_ms = models.FloatField(default=0)
+    latency_bucket = models.PositiveSmallIntegerField(default=0, help_text="gateway_stats.histogram bucket.")
+    ttfb_ms = models.FloatField(null=True, blank=True, help_text="Time to the first byte of a stream.")
+    request_bytes = models.PositiveBigIntegerField(default=0)
+    response_bytes = models.PositiveBigIntegerField(default=0)
+    client_ip = models.GenericIPAddressField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-started_at", "-id"]
+        verbose_name = "request log entry"
+        verbose_name_plural = "request log"
+        indexes = [
+            models.Index(fields=["started_at"], name="usage_started"),
+            models.Index(fields=["started_at", "key"], name="usage_started_key"),
+            models.Index(fields=["started_at", "user"], name="usage_started_user"),
+            models.Index(fields=["started_at", "model"], name="usage_started_model"),
+            models.Index(fields=["key", "started_at"], name="usage_key_started"),
+            models.Index(fields=["user", "started_at"], name="usage_user_started"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.request_id} {self.endpoint} {self.status}"
 
 
 class AuditEvent(models.Model):

@@ -33,11 +33,14 @@ class UsageEvent:
     request_id: str
     endpoint: str
     status: int
+    method: str = "POST"
     key_id: int | None = None
+    key_prefix: str = ""
     user_id: int | None = None
     model: str = ""
     upstream: str = ""
     upstream_model: str = ""
+    route: str = ""
     stream: bool = False
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -46,8 +49,12 @@ class UsageEvent:
     started_at: float = field(default_factory=time.time)
     client_ip: str = ""
     error_code: str = ""
+    request_bytes: int = 0
+    response_bytes: int = 0
     input_price_per_1k: Decimal = Decimal(0)
     output_price_per_1k: Decimal = Decimal(0)
+    # The call's unique id in the ledger: given by the emitter's thread when it first takes the event.
+    event_id: str = ""
 
     @property
     def total_tokens(self) -> int:

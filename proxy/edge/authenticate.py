@@ -31,6 +31,7 @@ async def authenticate(request: ProxyRequest, event: UsageEvent) -> KeyPolicy:
         status, code, message = _REFUSALS.get(refused.reason, _REFUSALS["unknown"])
         raise ProxyError(status, message, code=code) from None
     event.key_id = policy.key_id
+    event.key_prefix = policy.prefix
     event.user_id = policy.owner_id
     return policy
 

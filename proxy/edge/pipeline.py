@@ -31,7 +31,12 @@ logger = logging.getLogger(__name__)
 async def proxy_handle(request: ProxyRequest) -> ProxyResponse:
     """Answer one proxy request: route, authenticate, admit, then forward (or list models); account."""
     event = UsageEvent(
-        request_id=request.request_id, endpoint=request.path, status=0, client_ip=request.client_ip or ""
+        request_id=request.request_id,
+        endpoint=request.path,
+        status=0,
+        method=request.method,
+        client_ip=request.client_ip or "",
+        request_bytes=len(request.body),
     )
     started = time.perf_counter()
     try:
@@ -51,6 +56,7 @@ async def proxy_handle(request: ProxyRequest) -> ProxyResponse:
         event.error_code = failure.code
     if response.stream is None:  # a stream accounts for itself when it ends (relay)
         event.status = response.status
+        event.response_bytes = len(response.body)
         account(event, started)
     return response
 

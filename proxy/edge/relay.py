@@ -59,14 +59,19 @@ async def relay_stream(
             if b'"usage"' in events:
                 events = usage_in(events, event, keep_usage_chunk)
             if events:
+                event.response_bytes += len(events)
                 yield events
         if buffer.strip():
-            yield usage_in(buffer, event, keep_usage_chunk) if b'"usage"' in buffer else buffer
+            tail = usage_in(buffer, event, keep_usage_chunk) if b'"usage"' in buffer else buffer
+            event.response_bytes += len(tail)
+            yield tail
     except ProxyError as error:
         if event.error_code != "client_disconnected":
             event.status = error.status
             event.error_code = error.code
-            yield error.sse_event()
+            error_event = error.sse_event()
+            event.response_bytes += len(error_event)
+            yield error_event
     except Exception:
         # The answer has started (200 is sent): end it with an error event rather than a dropped connection.
         logger.exception("unexpected error while relaying a stream")
