@@ -12,6 +12,7 @@ urlpatterns = [
     path("auth/", include("accounts.urls")),
     path("api/", include("keys.urls")),
     path("api/", include("proxy.urls")),
+    path("api/", include("gateway_stats.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("docs", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("redoc", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
