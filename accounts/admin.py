@@ -1,6 +1,8 @@
 """Django admin for accounts: users, the throttled admin login form, and read-only JWT token lists.
 
-- Users: Django's UserAdmin plus the email and display name.
+- Users: Django's UserAdmin plus the email and display name. Every user it writes (add, change, password,
+  delete) carries the admin's request as ``_audit_request``, for the audit trail's receivers
+  (``gateway_stats.receivers``, which this app may not import) to record who did it and from where.
 - The admin's login form turns ``LoginThrottled`` (raised by ``authenticate()`` itself,
   see ``accounts.backends``) into a form error: the admin shares the API's lockout.
 - simplejwt's token_blacklist admins show the full refresh token, which anyone with
@@ -66,6 +68,24 @@ class UserAdmin(DjangoUserAdmin):
     search_fields = ("username", "email", "display_name", "first_name", "last_name")
     ordering = ("username",)
     readonly_fields = ("last_login", "date_joined")
+
+    # --- who writes, for the audit trail -----------------------------------------------------------
+    def get_object(self, request: HttpRequest, object_id: str, from_field: str | None = None) -> Any:
+        # The change, password and delete views all fetch their user here.
+        user = super().get_object(request, object_id, from_field)
+        if user is not None:
+            user._audit_request = request
+        return user
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        obj._audit_request = request
+        super().save_model(request, obj, form, change)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[User]) -> None:
+        # One by one (the bulk delete would load fresh instances, without the request).
+        for user in queryset:
+            user._audit_request = request  # type: ignore[attr-defined]
+            user.delete()
 
 
 class ThrottledAdminAuthenticationForm(AdminAuthenticationForm):

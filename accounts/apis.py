@@ -174,7 +174,7 @@ class LogoutView(APIView):
     def post(self, request: Request) -> Response:
         serializer = RefreshSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        user_logout(user=_user(request), refresh=serializer.validated_data["refresh"])
+        user_logout(user=_user(request), refresh=serializer.validated_data["refresh"], request=request._request)
         return Response(status=status.HTTP_205_RESET_CONTENT)
 
 

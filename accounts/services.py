@@ -11,8 +11,8 @@ import logging
 from dataclasses import dataclass
 
 from django.contrib.auth import authenticate
-from django.contrib.auth.models import update_last_login
 from django.contrib.auth.password_validation import validate_password
+from django.contrib.auth.signals import user_logged_in, user_logged_out
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.http import HttpRequest
@@ -94,8 +94,6 @@ def user_register(
 
 def _token_pair_issue(user: User) -> TokenPair:
     refresh = RefreshToken.for_user(user)
-    if jwt_settings.UPDATE_LAST_LOGIN:
-        update_last_login(User, user)
     return TokenPair(access=str(refresh.access_token), refresh=str(refresh))
 
 
@@ -105,17 +103,25 @@ def user_login(*, username: str, password: str, request: HttpRequest | None) -> 
     ``authenticate()`` is throttled (``accounts.backends``): it raises ``LoginThrottled``
     while the username or the client IP of ``request`` is locked out, and logs failures.
     Raises ``InvalidCredentials`` for a wrong username/password or an inactive account.
+
+    A success sends ``user_logged_in`` as Django's session ``login()`` does (a failure: ``authenticate()``
+    sends ``user_login_failed``), so its receivers run for both login paths: Django's own sets ``last_login``,
+    the audit trail's records the login.
     """
     user = authenticate(request, username=username, password=password)
     if not isinstance(user, User):
         raise InvalidCredentials()
     tokens = _token_pair_issue(user)
+    user_logged_in.send(sender=User, request=request, user=user)
     logger.info("login succeeded: id=%s username=%s ip=%s", user.pk, user.username, login_client_ip(request))
     return tokens
 
 
-def user_logout(*, user: User, refresh: str) -> None:
-    """Blacklist ``refresh`` so it can never be used again. Raises ``ValidationError`` for a bad token."""
+def user_logout(*, user: User, refresh: str, request: HttpRequest | None = None) -> None:
+    """Blacklist ``refresh`` so it can never be used again. Raises ``ValidationError`` for a bad token.
+
+    Then sends ``user_logged_out``, as Django's session ``logout()`` does (the audit trail records it).
+    """
     try:
         token = RefreshToken(refresh)  # type: ignore[arg-type]  # accepts the encoded token string
     except TokenError as exc:
@@ -123,6 +129,7 @@ def user_logout(*, user: User, refresh: str) -> None:
     if str(token.get(jwt_settings.USER_ID_CLAIM)) != str(user.pk):
         raise ValidationError({"refresh": ["This token does not belong to the authenticated user."]})
     token.blacklist()
+    user_logged_out.send(sender=User, request=request, user=user)
     logger.info("logout: id=%s username=%s", user.pk, user.username)
 
 

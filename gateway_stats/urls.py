@@ -1,5 +1,15 @@
 """URLs of the statistics app under ``/api/``: stats, the request log, the audit trail."""
 
-from django.urls import path  # noqa: F401  (the views below add their paths)
+from django.urls import URLPattern, URLResolver, path  # noqa: F401  (the views below add their paths)
+from rest_framework.routers import SimpleRouter
 
-urlpatterns: list = []  # type: ignore[type-arg]
+from gateway_stats.records_api import AuditEventViewSet, UsageRecordViewSet
+
+# The request log and the audit trail: /api/usage/, /api/usage/{request_id}/, /api/audit/, /api/audit/{id}/.
+records = SimpleRouter()
+records.register("usage", UsageRecordViewSet, basename="usage-record")
+records.register("audit", AuditEventViewSet, basename="audit-event")
+
+urlpatterns: list[URLPattern | URLResolver] = [
+    *records.urls,
+]

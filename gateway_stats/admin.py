@@ -1,0 +1,153 @@
+"""Read-only admin pages: the request log (ledger rows) and the audit trail.
+
+Nobody adds, changes or deletes these rows by hand (not even superusers): the ledger is written by the usage
+consumer and trimmed by retention, the trail only grows. Staff with the view permission see the lists and each
+row's page. The pages link to the key, user and audited object where the admin has a page for it; ledger rows
+may name keys and users deleted since (no database constraint), so the links use the ids, never the objects.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.apps import apps
+from django.contrib import admin
+from django.db.models import Model, QuerySet
+from django.http import HttpRequest
+from django.urls import NoReverseMatch, reverse
+from django.utils.html import format_html
+
+from gateway_stats.models import AuditEvent, UsageRecord
+
+
+def _change_link(app_label: str, model_name: str, object_id: Any, text: Any) -> str:
+    """A link to the object's admin change page, or just ``text`` when the admin has no such page."""
+    if object_id in (None, ""):
+        return str(text) if text not in (None, "") else "-"
+    try:
+        url = reverse(f"admin:{app_label}_{model_name}_change", args=[object_id])
+    except NoReverseMatch:
+        return str(text)
+    return format_html('<a href="{}">{}</a>', url, text)
+
+
+class _ReadOnlyAdmin(admin.ModelAdmin):
+    actions = None
+    show_full_result_count = False  # one COUNT(*) per page is enough on a large table
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
+        return False
+
+
+@admin.register(UsageRecord)
+class UsageRecordAdmin(_ReadOnlyAdmin):
+    """The request log: one row per proxied call, newest first."""
+
+    list_display = [
+        "started_at",
+        "request_id",
+        "key_link",
+        "user_link",
+        "model",
+        "upstream",
+        "status",
+        "error_code",
+        "stream",
+        "total_tokens",
+        "cost",
+        "latency_ms",
+    ]
+    list_display_links = ["started_at", "request_id"]
+    list_filter = ["status", "stream", "model", "error_code", "upstream"]
+    # Exact ids (indexed), and the start of a key prefix: what someone holding a request id or a key has.
+    search_fields = ["=request_id", "=event_id", "^key_prefix"]
+    search_help_text = "An exact request id or event id, or the beginning of a key prefix."
+    date_hierarchy = "started_at"
+    fieldsets = [
+        (None, {"fields": ["request_id", "event_id", "started_at", "ingested_at"]}),
+        ("Caller", {"fields": ["key_link", "key_prefix", "user_link", "client_ip"]}),
+        (
+            "Call",
+            {"fields": ["method", "endpoint", "route", "model", "upstream", "upstream_model", "stream"]},
+        ),
+        ("Answer", {"fields": ["status", "error_code", "latency_ms", "ttfb_ms", "request_bytes", "response_bytes"]}),
+        (
+            "Tokens and cost",
+            {
+                "fields": [
+                    "prompt_tokens",
+                    "completion_tokens",
+                    "total_tokens",
+                    "input_price_per_1k",
+                    "output_price_per_1k",
+                    "cost",
+                ]
+            },
+        ),
+    ]
+
+    @admin.display(description="key", ordering="key_id")
+    def key_link(self, obj: UsageRecord) -> str:
+        return _change_link("keys", "apikey", obj.key_id, obj.key_prefix or obj.key_id)
+
+    @admin.display(description="user", ordering="user_id")
+    def user_link(self, obj: UsageRecord) -> str:
+        user = obj.user  # joined (get_queryset); None when deleted since
+        return _change_link("accounts", "user", obj.user_id, user.get_username() if user else obj.user_id)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[UsageRecord]:
+        return super().get_queryset(request).select_related("user")
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(_ReadOnlyAdmin):
+    """The audit trail: who did what to which object, when, from where."""
+
+    list_display = ["created_at", "actor", "action", "object_type", "object_link", "ip_address"]
+    list_display_links = ["created_at", "action"]
+    list_filter = [
+        "action",
+        "object_type",
+        ("actor", admin.RelatedOnlyFieldListFilter),
+        ("created_at", admin.DateFieldListFilter),
+    ]
+    search_fields = ["object_id", "object_repr"]
+    search_help_text = "The object's id or name."
+    date_hierarchy = "created_at"
+    list_select_related = ["actor"]
+    fields = [
+        "created_at",
+        "actor",
+        "ip_address",
+        "action",
+        "object_type",
+        "object_link",
+        "object_repr",
+        "changes_pretty",
+    ]
+
+    @admin.display(description="object", ordering="object_id")
+    def object_link(self, obj: AuditEvent) -> str:
+        text = obj.object_repr or obj.object_id
+        app_label, _, model_name = obj.object_type.partition(".")
+        if obj.action.endswith(".delete") or not self._has_admin_page(app_label, model_name):
+            return str(text) if text else "-"
+        return _change_link(app_label, model_name, obj.object_id, text)
+
+    @admin.display(description="changes")
+    def changes_pretty(self, obj: AuditEvent) -> str:
+        return format_html("<pre>{}</pre>", json.dumps(obj.changes, indent=2, sort_keys=True, ensure_ascii=False))
+
+    def _has_admin_page(self, app_label: str, model_name: str) -> bool:
+        try:
+            model = apps.get_model(app_label, model_name)
+        except (LookupError, ValueError):
+            return False
+        return self.admin_site.is_registered(model)
