@@ -18,3 +18,8 @@ class GatewayStatsConfig(AppConfig):
         from apiforge.lifespan import AppHooks, lifespan_hooks_register
 
         lifespan_hooks_register(AppHooks("gateway_stats", stop=_usage_emitter_stop))
+
+        # The audit trail's receivers: logins, failed logins, logouts, writes of users (gateway_stats.receivers).
+        from gateway_stats.receivers import receivers_connect
+
+        receivers_connect()
