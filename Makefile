@@ -32,10 +32,14 @@ run: $(STAMP)
 # Production-style serving: uvicorn workers (uvloop + httptools), WEB_CONCURRENCY processes. The protocol is
 # httptools with request limits (apiforge/server.py: MAX_REQUEST_HEADER_BYTES, REQUEST_*_TIMEOUT_S); no proxy's
 # X-Forwarded-For is trusted unless FORWARDED_ALLOW_IPS names it (uvicorn's own default trusts 127.0.0.1).
+# /metrics adds up the workers' values from PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode),
+# emptied of the previous run's files first.
 serve: $(STAMP)
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py collectstatic --noinput -v 0
-	$(BIN)/uvicorn apiforge.asgi:application --host $(HOST) --port $(PORT) --workers $(WEB_CONCURRENCY) \
+	metrics_dir="$${PROMETHEUS_MULTIPROC_DIR:-/tmp/apiforge-metrics-$(PORT)}" && mkdir -p "$$metrics_dir" \
+		&& rm -f "$$metrics_dir"/*.db && PROMETHEUS_MULTIPROC_DIR="$$metrics_dir" \
+		$(BIN)/uvicorn apiforge.asgi:application --host $(HOST) --port $(PORT) --workers $(WEB_CONCURRENCY) \
 		--loop uvloop --http apiforge.server:GuardedHttpToolsProtocol --lifespan on --no-access-log \
 		--timeout-keep-alive 30 --forwarded-allow-ips "$${FORWARDED_ALLOW_IPS:-}"
 

@@ -1,11 +1,12 @@
 """Liveness and readiness: ``/health`` and ``/health/ready``.
 
-Readiness checks each dependency (database, cache, broker, channel layer) and
-reports ``ok``, ``error`` or ``disabled``. ``disabled`` means the embedded
-default is in use (in-process cache or channel layer, Celery tasks run
-in-process): nothing outside the process to check. Any ``error`` makes the
-answer 503. Each check is bounded by short timeouts, so a dead dependency
-costs about a second, not a hung probe.
+Readiness checks each dependency (database, cache, broker, channel layer, and
+the event bus's ZeroMQ socket when ``EVENTS_ZMQ_PUB`` is set) and reports
+``ok``, ``error`` or ``disabled``. ``disabled`` means the embedded default is
+in use (in-process cache or channel layer, Celery tasks run in-process):
+nothing outside the process to check. Any ``error`` makes the answer 503.
+Each check is bounded by short timeouts, so a dead dependency costs about a
+second, not a hung probe.
 """
 
 from __future__ import annotations
@@ -94,12 +95,24 @@ def _channel_layer() -> str:
     return "ok" if asyncio.run(bounded()) else "error"
 
 
+def _zmq() -> str:
+    from gateway_stats.events import bus
+
+    # The event bus's PUB socket (gateway_stats/events.py): bound (or connected) by its publisher thread.
+    return bus.zmq_status(timeout=TIMEOUT_S)
+
+
 CHECKS: dict[str, Check] = {
     "database": _database,
     "cache": _cache,
     "broker": _broker,
     "channel_layer": _channel_layer,
 }
+
+
+def _checks() -> dict[str, Check]:
+    """``CHECKS``, plus ``zmq`` when ``EVENTS_ZMQ_PUB`` is set (absent from the answer otherwise)."""
+    return {**CHECKS, "zmq": _zmq} if settings.EVENTS_ZMQ_PUB else CHECKS
 
 
 def _run(name: str, check: Check) -> str:
@@ -135,6 +148,6 @@ def health(request: HttpRequest) -> HttpResponse:
 @_get_only
 def health_ready(request: HttpRequest) -> HttpResponse:
     """Readiness: every configured dependency answers."""
-    checks = {name: _run(name, check) for name, check in CHECKS.items()}
+    checks = {name: _run(name, check) for name, check in _checks().items()}
     ok = all(value != "error" for value in checks.values())
     return JsonResponse({"status": "ok" if ok else "error", "checks": checks}, status=200 if ok else 503)

@@ -10,6 +10,7 @@ test suite uses.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 import sys
@@ -278,6 +279,30 @@ MAX_REQUEST_HEADER_BYTES = env.int("MAX_REQUEST_HEADER_BYTES", default=16 * 1024
 # A request's headers must arrive within this of its first byte, its body within this of its headers (else 408).
 REQUEST_HEADER_TIMEOUT_S = env.float("REQUEST_HEADER_TIMEOUT_S", default=10.0)
 REQUEST_BODY_TIMEOUT_S = env.float("REQUEST_BODY_TIMEOUT_S", default=30.0)
+
+# --- Metrics, access log, event bus -------------------------------------------------
+# /metrics (apiforge/metrics.py): a Bearer token and/or client addresses/networks allowed to scrape. With neither,
+# /metrics is open in development and test and refused in production. Multiprocess mode: PROMETHEUS_MULTIPROC_DIR,
+# read by prometheus_client itself (README "Metrics").
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+METRICS_ALLOWED_IPS = env.list("METRICS_ALLOWED_IPS", default=[])
+for _entry in METRICS_ALLOWED_IPS:
+    try:
+        ipaddress.ip_network(_entry, strict=False)
+    except ValueError:
+        raise environ.ImproperlyConfigured(
+            f"METRICS_ALLOWED_IPS: {_entry!r} is not an IP address or network (e.g. 10.0.0.0/8)"
+        ) from None
+# One structured line per proxied call on the logger "apiforge.access" (gateway_stats/access_log.py).
+ACCESS_LOG = env.bool("ACCESS_LOG", default=True)
+# Event bus (gateway_stats/events.py): usage and audit events on the channel layer and, when set, on a ZeroMQ PUB
+# socket bound to (or, with EVENTS_ZMQ_MODE=connect, connected to) this address.
+EVENTS_ZMQ_PUB = env.str("EVENTS_ZMQ_PUB", default="")
+EVENTS_ZMQ_MODE = env.str("EVENTS_ZMQ_MODE", default="bind")
+if EVENTS_ZMQ_MODE not in {"bind", "connect"}:
+    raise environ.ImproperlyConfigured("EVENTS_ZMQ_MODE must be bind or connect")
+EVENTS_ZMQ_SNDHWM = env.int("EVENTS_ZMQ_SNDHWM", default=10000)
+EVENTS_QUEUE_MAX = env.int("EVENTS_QUEUE_MAX", default=10000)
 
 # --- I18N / static ---------------------------------------------------------------
 LANGUAGE_CODE = "en-us"

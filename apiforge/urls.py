@@ -5,7 +5,7 @@ from django.contrib.staticfiles.urls import staticfiles_urlpatterns
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
-from apiforge import health
+from apiforge import health, metrics
 
 urlpatterns = [
     path("admin/", admin.site.urls),
@@ -18,6 +18,7 @@ urlpatterns = [
     path("redoc", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
     path("health", health.health, name="health"),
     path("health/ready", health.health_ready, name="health-ready"),
+    path("metrics", metrics.metrics, name="metrics"),
     path("v1/", include("proxy.openai_urls")),
     path("gw/", include("proxy.openai_urls")),
 ]

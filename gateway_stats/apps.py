@@ -23,3 +23,16 @@ class GatewayStatsConfig(AppConfig):
         from gateway_stats.receivers import receivers_connect
 
         receivers_connect()
+
+        # Metrics, access log, event bus: sinks after the ledger's, in this order; the bus stops after the
+        # emitter (registered after it), so the emitter's last flush still reaches the publisher.
+        from gateway_stats.access_log import usage_access_log_sink
+        from gateway_stats.events import events_bus_start, events_bus_stop, usage_events_sink
+        from gateway_stats.metrics import metrics_process_stop, usage_metrics_sink
+        from gateway_stats.usage import usage_sink_register
+
+        usage_sink_register(usage_metrics_sink)
+        usage_sink_register(usage_access_log_sink)
+        usage_sink_register(usage_events_sink)
+        lifespan_hooks_register(AppHooks("gateway_stats.events", start=events_bus_start, stop=events_bus_stop))
+        lifespan_hooks_register(AppHooks("gateway_stats.metrics", stop=metrics_process_stop))
