@@ -6,13 +6,14 @@ sent by the admin's login and logout (Django's ``login()``/``logout()``/``authen
 username typed is one: an unknown "username" may be a password typed in the wrong box, so it is not stored.
 Passwords never reach the trail (Django hands the receivers the credentials with the password masked anyway).
 
-Users: ``accounts`` may not import this app, so its writes are audited from the user model's signals
-(``post_save``, ``post_delete``, and ``m2m_changed`` for groups and permissions). Who made the write and from
-where: the admin attaches its request to the user it saves or deletes, as ``_audit_request`` (the idiom
-django-simple-history uses for its ``_history_user``); writes outside the admin (registration, commands) are
-recorded without an actor. ``changes`` holds ``[old, new]`` per field, never the password hash: a new password
-is ``"password": "changed"``. A login's ``last_login`` update and the password hasher's silent upgrade of a
-hash are not changes anyone made, so they are not recorded.
+Users are managed in the admin (there is no management API for them). ``accounts`` may not import this app, so
+the admin's writes of users are audited from the user model's signals (``post_save``, ``post_delete``, and
+``m2m_changed`` for groups and permissions): the admin attaches its request to each user it saves or deletes, as
+``_audit_request`` (the idiom django-simple-history uses for its ``_history_user``), which says who did it and
+from where, and marks the write as a management write. Saves without it are not management writes and are not
+recorded: a self-registration (logged by ``accounts``), a login's ``last_login``, the password hasher's silent
+upgrade of a hash. ``changes`` holds ``[old, new]`` per field, never the password hash: a new password is
+``"password": "changed"``.
 """
 
 from __future__ import annotations
@@ -108,62 +109,60 @@ def _audited_fields(model: type[Model]) -> list[str]:
     return [field.attname for field in model._meta.concrete_fields if field.name not in _UNAUDITED_FIELDS]
 
 
-def _audit_user(instance: Any, action: str, changes: dict[str, Any]) -> None:
+def _request(instance: Any) -> HttpRequest | None:
     request = getattr(instance, AUDIT_REQUEST_ATTRIBUTE, None)
-    context = audit_context(request).service_kwargs() if request is not None else {"actor": None, "ip_address": None}
-    if action == "user.delete" and context["actor"] is not None and context["actor"].pk == instance.pk:
-        context["actor"] = None  # deleting oneself: the trail cannot point at a user who is gone
+    return request if isinstance(request, HttpRequest) else None
+
+
+def _audit_user(instance: Any, request: HttpRequest, action: str, changes: dict[str, Any]) -> None:
+    context = audit_context(request)
+    actor = context.actor
+    if action == "user.delete" and actor is not None and actor.pk == instance.pk:
+        actor = None  # deleting oneself: the trail cannot point at a user who is gone
     audit_record(
+        actor=actor,
         action=action,
         object_type=_object_type(type(instance)),
         object_id=instance.pk,
         object_repr=instance.get_username(),
         changes=changes,
-        **context,
+        ip_address=context.ip_address,
     )
 
 
-def _is_hash_upgrade(instance: Any, update_fields: Iterable[str] | None) -> bool:
-    # AbstractBaseUser.check_password's setter re-hashes a correct password under a newer hasher and saves only
-    # the password, with the raw password already forgotten (``_password``); set_password keeps it until saved.
-    return update_fields is not None and set(update_fields) == {"password"} and instance._password is None
-
-
-def user_pre_save_audit(
-    sender: type[Model], instance: Any, raw: bool, update_fields: Iterable[str] | None, **kwargs: Any
-) -> None:
-    """Read the row as it was, to tell what the save changes (one query; none for a login's last_login)."""
-    if raw or instance._state.adding or instance.pk is None:
-        return
-    if update_fields is not None and set(update_fields) <= {"last_login"} or _is_hash_upgrade(instance, update_fields):
+def user_pre_save_audit(sender: type[Model], instance: Any, raw: bool, **kwargs: Any) -> None:
+    """Read the row as it was, to tell what the admin's save changes (one query)."""
+    if raw or instance._state.adding or instance.pk is None or _request(instance) is None:
         return
     before = sender._default_manager.filter(pk=instance.pk).values(*_audited_fields(sender), "password").first()
     setattr(instance, _BEFORE_ATTRIBUTE, before)
 
 
 def user_post_save_audit(sender: type[Model], instance: Any, created: bool, raw: bool, **kwargs: Any) -> None:
-    if raw:
+    request = _request(instance)
+    if raw or request is None:
         return
     fields = _audited_fields(sender)
     if created:
-        _audit_user(instance, "user.create", {field: getattr(instance, field) for field in fields})
+        _audit_user(instance, request, "user.create", {field: getattr(instance, field) for field in fields})
         return
     before = instance.__dict__.pop(_BEFORE_ATTRIBUTE, None)
     if before is None:
         return
-    changes: dict[str, Any] = {
-        field: [before[field], getattr(instance, field)]
-        for field in fields
-        if before[field] != getattr(instance, field)
-    }
+    changes: dict[str, Any] = {}
+    for field in fields:
+        if before[field] != getattr(instance, field):
+            changes[field] = [before[field], getattr(instance, field)]
     if before["password"] != instance.password:
         changes["password"] = "changed"  # noqa: S105 - that it changed, never what to
     if changes:
-        _audit_user(instance, "user.update", changes)
+        _audit_user(instance, request, "user.update", changes)
 
 
 def user_post_delete_audit(sender: type[Model], instance: Any, **kwargs: Any) -> None:
-    _audit_user(instance, "user.delete", {"username": instance.get_username()})
+    request = _request(instance)
+    if request is not None:
+        _audit_user(instance, request, "user.delete", {"username": instance.get_username()})
 
 
 def _related_names(model: type[Model], pks: Iterable[Any]) -> list[str]:
@@ -184,7 +183,8 @@ def user_m2m_changed_audit(
     **kwargs: Any,
 ) -> None:
     """Groups and permissions given to or taken from a user (through the user: the admin's user form)."""
-    if reverse or not isinstance(instance, get_user_model()):
+    request = _request(instance)
+    if reverse or request is None or not isinstance(instance, get_user_model()):
         return
     user_model = type(instance)
     field = next(f.name for f in user_model._meta.many_to_many if f.remote_field.through is sender)
@@ -193,12 +193,12 @@ def user_m2m_changed_audit(
         pks = getattr(instance, field).values_list("pk", flat=True)
         removed = _related_names(model, pks)
         if removed:
-            _audit_user(instance, "user.update", {field: {"removed": removed}})
+            _audit_user(instance, request, "user.update", {field: {"removed": removed}})
         return
     if action not in {"post_add", "post_remove"} or not pk_set:
         return
     direction = "added" if action == "post_add" else "removed"
-    _audit_user(instance, "user.update", {field: {direction: _related_names(model, pk_set)}})
+    _audit_user(instance, request, "user.update", {field: {direction: _related_names(model, pk_set)}})
 
 
 def receivers_connect() -> None:

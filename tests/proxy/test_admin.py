@@ -281,7 +281,7 @@ def test_adding_a_model_with_an_inline_deployment_in_the_admin(admin_client: Cli
     )
     actions = set(AuditEvent.objects.filter(object_type="proxy.model").values_list("action", flat=True))
     assert actions == {"model.create", "model.deployments_update"}
-    assert AuditEvent.objects.filter(actor=admin_user).count() == 2
+    assert AuditEvent.objects.filter(actor=admin_user, object_type="proxy.model").count() == 2
 
 
 @pytest.mark.parametrize("fallbacks", [["gpt-4o"], ["no-such-model"], "not-a-list"])
