@@ -57,7 +57,7 @@ def user_login_audit(sender: Any, request: HttpRequest | None, user: Any, **kwar
     audit_record(
         actor=user,
         action="user.login",
-        object_type=_object_type(type(user)),
+        object_type=_object_type(get_user_model()),
         object_id=user.pk,
         object_repr=user.get_username(),
         changes=_path(request),
@@ -94,7 +94,7 @@ def user_logout_audit(sender: Any, request: HttpRequest | None, user: Any, **kwa
     audit_record(
         actor=user,
         action="user.logout",
-        object_type=_object_type(type(user)),
+        object_type=_object_type(get_user_model()),
         object_id=user.pk,
         object_repr=user.get_username(),
         changes=_path(request),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from django.db import transaction
@@ -61,9 +60,7 @@ def audit_event_payload(event: AuditEvent) -> dict[str, Any]:
 
 
 def _audit_publish(payload: dict[str, Any]) -> None:
-    # Imported when used: the event bus (gateway_stats.events, fire and forget) may not be installed.
-    try:
-        events = importlib.import_module("gateway_stats.events")
-    except ModuleNotFoundError:
-        return
-    events.event_publish(AUDIT_TOPIC, payload)
+    # Imported when first used: the writing apps import this module, the bus need not load with them.
+    from gateway_stats.events import event_publish
+
+    event_publish(AUDIT_TOPIC, payload)  # fire and forget: queues and returns, never raises
