@@ -129,6 +129,7 @@ class EventBus:
             if self._thread is None or not self._thread.is_alive():
                 self._stopping.clear()
                 self._zmq_ready.clear()
+                self._warnings = _Warnings()  # a new publisher says again what fails for it
                 self.zmq_state = "starting" if settings.EVENTS_ZMQ_PUB else "disabled"
                 self._thread = threading.Thread(target=self._run, args=(self._queue,), name="event-bus", daemon=True)
                 self._thread.start()

@@ -107,7 +107,7 @@ def test_a_zeromq_subscriber_receives_the_usage_events_of_the_calls_made(gateway
 def test_audit_events_have_their_own_topic_and_json_safe_values(subscriber: Any) -> None:
     subscribe(subscriber, "audit")
     at = dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
-    event_publish("audit", {"action": "key.create", "at": at, "budget": Decimal("1.50"), "scopes": ("a",)})
+    event_publish("audit", {"action": "key.create", "at": at, "budget": Decimal("1.50"), "scopes": frozenset({"a"})})
     event_publish("usage", {"request_id": "not-subscribed"})
     event_publish("audit", {"action": "key.revoke"})  # one socket keeps the order: the usage event was skipped
 
@@ -279,3 +279,32 @@ def test_without_a_channel_layer_only_zeromq_is_used(settings: Any, zmq_address:
     event_publish("usage", {"request_id": "zmq-only"})
     assert [payload["request_id"] for _, payload in receive(subscriber, 1)] == ["zmq-only"]
     assert counter("published", "channels") == published
+
+
+def test_a_burst_is_published_in_batches_and_every_event_goes_out(fresh_bus: Any) -> None:
+    published = counter("published", "channels")
+    for n in range(1500):
+        event_publish("usage", {"n": n})
+    assert bus.drain(WAIT_S)
+    assert counter("published", "channels") == published + 1500
+
+
+def test_a_channel_layer_that_cannot_be_made_is_a_counted_failure(
+    settings: Any, fresh_bus: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "no_such_package.ChannelLayer"}}
+    dropped = counter("dropped", "channels")
+    with caplog.at_level(logging.WARNING, logger="gateway_stats.events"):
+        event_publish("audit", {"action": "x"})
+        assert bus.drain(WAIT_S)
+    assert counter("dropped", "channels") == dropped + 1
+    assert "the channel layer failed" in caplog.text
+
+
+def test_a_broken_queue_setting_never_reaches_the_caller(
+    settings: Any, fresh_bus: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings.EVENTS_QUEUE_MAX = "many"
+    with caplog.at_level(logging.WARNING, logger="gateway_stats.events"):
+        event_publish("audit", {"action": "x"})  # returns: fire and forget
+    assert "could not queue an event on topic 'audit'" in caplog.text

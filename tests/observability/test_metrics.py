@@ -103,8 +103,9 @@ def test_ingestion_lag_measured_by_another_process_is_shown_as_a_gauge() -> None
     # What the consumer stored is what any web process shows: the cache is the link between them.
     cache.set(metrics.INGESTION_LAG_CACHE_KEY, {"lag_s": 0.5, "at": 1.0e9}, timeout=None)
     assert sample(scrape(client), "apiforge_usage_ingestion_lag_seconds") == 0.5
-    cache.set(metrics.INGESTION_LAG_CACHE_KEY, "not a lag", timeout=None)
-    assert ("apiforge_usage_ingestion_lag_seconds", frozenset()) not in scrape(client)
+    for junk in ("not a lag", {"lag_s": "1", "at": 1.0e9}):
+        cache.set(metrics.INGESTION_LAG_CACHE_KEY, junk, timeout=None)
+        assert ("apiforge_usage_ingestion_lag_seconds", frozenset()) not in scrape(client)
 
 
 @pytest.mark.django_db
