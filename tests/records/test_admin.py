@@ -146,3 +146,10 @@ def test_the_changelists_take_the_same_queries_for_3_and_30_rows(admin_for, root
     few = queries()
     add(27)
     assert queries() == few
+
+
+def test_a_link_to_a_page_the_admin_does_not_have_is_plain_text():
+    from gateway_stats.admin import _change_link
+
+    assert _change_link("nowhere", "nothing", 5, "the text") == "the text"
+    assert _change_link("keys", "apikey", None, None) == "-"

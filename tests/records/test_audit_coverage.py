@@ -428,3 +428,40 @@ def test_a_key_of_someone_else_changed_by_staff_names_the_staff_member(api_for, 
     assert api_for(root).patch(f"/api/keys/{key.pk}/", {"name": "by staff"}, format="json").status_code == 200
     event = _only("key.update")
     assert (event.actor, event.object_id) == (root, str(key.pk))
+
+
+def test_a_session_logout_of_nobody_records_nothing(rf):
+    from django.contrib.auth import logout
+    from django.contrib.auth.models import AnonymousUser
+    from django.contrib.sessions.backends.db import SessionStore
+
+    request = rf.post("/admin/logout/")
+    request.session = SessionStore()
+    request.user = AnonymousUser()
+    logout(request)
+
+    assert not AuditEvent.objects.exists()
+
+
+def test_a_superuser_deleting_their_own_account_is_audited_without_an_actor(admin_for, root):
+    client = admin_for(root)
+    root_pk = root.pk
+
+    assert client.post(f"{USERS}{root_pk}/delete/", {"post": "yes"}).status_code == 302
+
+    event = _only("user.delete")
+    assert (event.actor, event.object_id, event.ip_address) == (None, str(root_pk), "192.0.2.50")
+
+
+def test_groups_cleared_through_an_admin_written_user_are_audited(rf, root, alice):
+    alice.groups.add(Group.objects.create(name="operators"), Group.objects.create(name="billing"))
+    request = rf.post(f"{USERS}{alice.pk}/change/", REMOTE_ADDR="192.0.2.70")
+    request.user = root
+    alice._audit_request = request  # as accounts.admin does for the users it writes
+
+    alice.groups.clear()
+    alice.groups.clear()  # nothing left: nothing more to record
+
+    event = _only("user.update")
+    assert (event.actor, event.ip_address) == (root, "192.0.2.70")
+    assert event.changes == {"groups": {"removed": ["billing", "operators"]}}
