@@ -26,10 +26,13 @@ import pytest
 from django.contrib.auth.models import Permission
 from django.db import transaction
 from django.urls import URLPattern, URLResolver, get_resolver
+from django.utils import timezone
 from rest_framework.test import APIClient
 from rest_framework_simplejwt.tokens import RefreshToken
 
 from accounts.models import User
+from gateway_stats.models import UsageRecord
+from gateway_stats.services import audit_record
 from keys.models import ApiKey
 from proxy.models import Model, Upstream
 from tests.factories import DEFAULT_PASSWORD, ApiKeyFactory, UserFactory
@@ -116,14 +119,30 @@ MATRIX: dict[tuple[str, str], dict[str, int]] = {
     ("/api/models/{pk}.{format}", "OPTIONS"): _ANY_USER,
     ("/api/models/{pk}.{format}", "PATCH"): _STAFF_ONLY_READ,
     ("/api/models/{pk}.{format}", "DELETE"): _row(401, 403, 403, 403, 204, 204),
+    # --- request log: everyone reads their own calls; every call needs gateway_stats.view_usagerecord ---
+    ("/api/usage/", "GET"): _ANY_USER,  # what each role sees: _USAGE_SEEN
+    ("/api/usage/", "HEAD"): _ANY_USER,
+    ("/api/usage/", "OPTIONS"): _ANY_USER,
+    ("/api/usage/{request_id}/", "GET"): _row(401, 200, 404, 404, 404, 200),  # a call made with user's key
+    ("/api/usage/{request_id}/", "HEAD"): _row(401, 200, 404, 404, 404, 200),
+    ("/api/usage/{request_id}/", "OPTIONS"): _ANY_USER,  # describes the endpoint, does not read the call
+    # --- audit trail: staff holding gateway_stats.view_auditevent only --------------------------------
+    ("/api/audit/", "GET"): _row(401, 403, 403, 403, 403, 200),
+    ("/api/audit/", "HEAD"): _row(401, 403, 403, 403, 403, 200),
+    ("/api/audit/", "OPTIONS"): _row(401, 403, 403, 403, 403, 200),
+    ("/api/audit/{pk}/", "GET"): _row(401, 403, 403, 403, 403, 200),
+    ("/api/audit/{pk}/", "HEAD"): _row(401, 403, 403, 403, 403, 200),
+    ("/api/audit/{pk}/", "OPTIONS"): _row(401, 403, 403, 403, 403, 200),
 }
 
-EXPECTED_CELLS = 58 * len(ROLES)
+EXPECTED_CELLS = 70 * len(ROLES)
 
 # Whose keys each role finds in GET /api/keys/: its own, or everyone's.
 _KEYS_SEEN = {"user": "own", "other_user": "own", "staff": "own", "staff_with_perms": "all", "superuser": "all"}
 # Who is answered the staff shape of a model (with deployments).
 _SEES_DEPLOYMENTS = {"staff_with_perms", "superuser"}
+# How many request-log rows each role finds in GET /api/usage/ (the world has one, a call with user's key).
+_USAGE_SEEN = {"user": 1, "other_user": 0, "staff": 0, "staff_with_perms": 0, "superuser": 1}
 
 
 # --- the URL conf ---------------------------------------------------------------------------------------
@@ -190,6 +209,8 @@ class World:
     upstream: Upstream  # used by no deployment, so it can be deleted
     serving_upstream: Upstream
     model: Model
+    usage_request_id: str  # a call made with user's key
+    audit_event_id: int
 
 
 @pytest.fixture
@@ -212,12 +233,24 @@ def world(settings: Any) -> World:
     keys = {role: ApiKeyFactory(owner=user, name=f"{role}'s key") for role, user in users.items()}
     serving = UpstreamFactory(name="serving-up")
     deployment = DeploymentFactory(model__name="matrix-model", upstream=serving)
+    call = UsageRecord.objects.create(
+        event_id="matrix-call",
+        request_id="matrix-request",
+        started_at=timezone.now(),
+        key_id=keys["user"].pk,
+        user_id=users["user"].pk,
+        endpoint="/v1/chat/completions",
+        status=200,
+    )
+    event = audit_record(actor=users["superuser"], action="key.create", object_type="keys.apikey", object_id=1)
     return World(
         users=users,
         key=keys["user"],
         upstream=UpstreamFactory(name="idle-up"),
         serving_upstream=serving,
         model=deployment.model,
+        usage_request_id=call.request_id,
+        audit_event_id=event.pk,
     )
 
 
@@ -228,6 +261,10 @@ def _target(path: str, world: World) -> str:
         pk = world.upstream.pk
     elif path.startswith("/api/models/{pk}"):
         pk = world.model.pk
+    elif path.startswith("/api/audit/{pk}"):
+        pk = world.audit_event_id
+    elif path.startswith("/api/usage/{request_id}"):
+        return path.replace("{request_id}", world.usage_request_id)
     else:
         assert "{pk}" not in path, f"{path}: say which object the matrix calls it on"
         pk = 0
@@ -273,6 +310,8 @@ def _check_what_is_shown(path: str, method: str, role: str, world: World, answer
         expected = {u.pk for u in world.users.values()} if _KEYS_SEEN[role] == "all" else {world.users[role].pk}
         if owners != expected:
             return f"sees keys of owners {sorted(owners)}, expected {sorted(expected)}"
+    if path == "/api/usage/" and answer.json()["count"] != _USAGE_SEEN[role]:
+        return f"sees {answer.json()['count']} request-log rows, expected {_USAGE_SEEN[role]}"
     if path.startswith("/api/models"):
         body = answer.json()
         rows = body["results"] if "results" in body else [body]
