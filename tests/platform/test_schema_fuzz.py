@@ -97,6 +97,9 @@ SEMANTIC_RULES: dict[tuple[str, str], frozenset[str]] = {
     # Deployments name existing upstreams, fallbacks existing models; names are unique.
     ("POST", "/api/models/"): frozenset({"deployments", "fallbacks", "name"}),
     ("PATCH", "/api/models/{id}/"): frozenset({"deployments", "fallbacks", "name"}),
+    # A time range's end comes after its start.
+    ("GET", "/api/usage/"): frozenset({"end"}),
+    ("GET", "/api/audit/"): frozenset({"end"}),
 }
 
 
