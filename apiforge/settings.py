@@ -14,6 +14,7 @@ import ipaddress
 import os
 import secrets
 import sys
+import tempfile
 from datetime import timedelta
 from pathlib import Path
 
@@ -178,6 +179,35 @@ CELERY_TASK_DEFAULT_QUEUE = env.str("CELERY_QUEUE", default=CACHE_KEY_PREFIX)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_TIME_LIMIT = 60
 CELERY_TASK_SOFT_TIME_LIMIT = 50
+
+# A message the worker has not acknowledged (it died mid-batch) is delivered again after this (Redis broker;
+# Celery's default is an hour). Only the usage consumer acknowledges late, so no long task is cut short by it.
+CELERY_VISIBILITY_TIMEOUT_S = env.int("CELERY_VISIBILITY_TIMEOUT_S", default=60)
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": CELERY_VISIBILITY_TIMEOUT_S,
+    # A broker that does not answer fails a publish fast: the usage thread spools instead of waiting.
+    "socket_connect_timeout": 1,
+    "socket_timeout": 2,
+    # Look for such messages every 5 s (kombu's default sweep is every 10th call of a 10 s timer: 100 s).
+    "unacked_restore_interval": 5,
+    "unacked_restore_throttle": 1,
+}
+CELERY_BROKER_CONNECTION_TIMEOUT = 2
+
+# --- Usage ledger (gateway_stats: usage.py, transport.py, spool.py) ---------------------------------
+# auto: Celery when a broker is configured, else written by the usage thread itself (embedded default).
+USAGE_TRANSPORT = env.str("USAGE_TRANSPORT", default="auto")
+if USAGE_TRANSPORT not in {"auto", "celery", "database"}:
+    raise environ.ImproperlyConfigured("USAGE_TRANSPORT must be auto, celery or database")
+USAGE_FLUSH_INTERVAL_S = env.float("USAGE_FLUSH_INTERVAL_S", default=1.0)
+USAGE_MAX_QUEUE = env.int("USAGE_MAX_QUEUE", default=200_000)
+USAGE_MESSAGE_ROWS = env.int("USAGE_MESSAGE_ROWS", default=500)
+USAGE_TRANSPORT_RETRY_S = env.float("USAGE_TRANSPORT_RETRY_S", default=2.0)
+# One spool file per process; default: <tmp>/apiforge-spool (tests: their own directory per run).
+USAGE_SPOOL_DIR = env.str(
+    "USAGE_SPOOL_DIR",
+    default=os.path.join(tempfile.gettempdir(), f"apiforge-test-spool-{os.getpid()}") if APP_ENV == "test" else "",
+)
 
 # --- Auth ----------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [

@@ -3,6 +3,15 @@ import asyncio
 from django.apps import AppConfig
 
 
+async def _usage_emitter_start() -> None:
+    from gateway_stats.usage import emitter
+
+    # Started with the server, not on the first call: spools left by a process that died are replayed now.
+    # (Not in the test suite, whose tests flush themselves: autostart is off there.)
+    if emitter.autostart:
+        emitter.start()
+
+
 async def _usage_emitter_stop() -> None:
     from gateway_stats.usage import emitter
 
@@ -15,9 +24,21 @@ class GatewayStatsConfig(AppConfig):
     name = "gateway_stats"
 
     def ready(self) -> None:
-        from apiforge.lifespan import AppHooks, lifespan_hooks_register
+        from django.conf import settings
 
-        lifespan_hooks_register(AppHooks("gateway_stats", stop=_usage_emitter_stop))
+        from apiforge.lifespan import AppHooks, lifespan_hooks_register
+        from gateway_stats.transport import ledger_transport
+        from gateway_stats.usage import emitter, usage_sink_register, usage_tick_register
+
+        emitter.flush_interval = settings.USAGE_FLUSH_INTERVAL_S
+        emitter.max_queue = settings.USAGE_MAX_QUEUE
+        # The ledger first (before the keys app's sink, registered earlier): every other sink sees events that
+        # are already on their way to it.
+        usage_sink_register(ledger_transport)
+        emitter.sinks.remove(ledger_transport)
+        emitter.sinks.insert(0, ledger_transport)
+        usage_tick_register(ledger_transport.tick)
+        lifespan_hooks_register(AppHooks("gateway_stats", start=_usage_emitter_start, stop=_usage_emitter_stop))
 
         # The audit trail's receivers: logins, failed logins, logouts, writes of users (gateway_stats.receivers).
         from gateway_stats.receivers import receivers_connect

@@ -11,7 +11,10 @@ this module imports no other app.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import secrets
 import threading
 import time
 from collections import deque
@@ -88,18 +91,26 @@ def _log_sink(batch: list[UsageEvent]) -> None:
 
 
 class UsageEmitter:
-    """A bounded in-process queue drained by one background thread into the sinks."""
+    """An in-process queue drained by one background thread into the sinks.
 
-    def __init__(self, *, flush_interval: float = 1.0, max_batch: int = 5000, max_queue: int = 1_000_000) -> None:
+    The queue has no ``maxlen`` (a full deque would silently drop the oldest events): past ``max_queue``
+    events the ledger's sink spools batches to disk instead of sending them (``overflowing``), which is
+    what keeps memory bounded when the transport is slower than the traffic. Each event gets its ledger id
+    (``event_id``) here, on this thread, before any sink sees it, so every retry of it carries the same id.
+    """
+
+    def __init__(self, *, flush_interval: float = 1.0, max_batch: int = 5000, max_queue: int = 200_000) -> None:
         self.flush_interval = flush_interval
         self.max_batch = max_batch
+        self.max_queue = max_queue
         self.sinks: list[Sink] = [_log_sink]
-        self._queue: deque[UsageEvent] = deque(maxlen=max_queue)
+        # Called after every flush (also when nothing was queued): the ledger replays its spool there.
+        self.ticks: list[Callable[[], None]] = []
+        self._queue: deque[UsageEvent] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._flush_lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._pid = 0
         # False in the test suite (tests/conftest.py): records wait for an explicit flush() there.
         self.autostart = True
 
@@ -107,11 +118,22 @@ class UsageEmitter:
         self._queue.append(record)
         if self._thread is None or not self._thread.is_alive():
             if self.autostart:
-                self._start()
+                self.start()
         elif len(self._queue) >= self.max_batch:
             self._wake.set()
 
-    def _start(self) -> None:
+    def queue_depth(self) -> int:
+        """Events waiting for the next flush."""
+        return len(self._queue)
+
+    def overflowing(self) -> bool:
+        """More is queued than ``max_queue``: the ledger spools instead of sending until the queue drains."""
+        return len(self._queue) > self.max_queue
+
+    def start(self) -> None:
+        """Start the background thread (at server startup, or on the first event)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="usage-emitter", daemon=True)
         self._thread.start()
@@ -125,17 +147,25 @@ class UsageEmitter:
             close_old_connections()
 
     def flush(self) -> int:
-        """Hand everything queued so far to the sinks; returns how many records went out."""
+        """Hand everything queued so far to the sinks, then run the ticks; returns how many events went out."""
         sent = 0
         with self._flush_lock:
             while self._queue:
                 batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+                for event in batch:
+                    if not event.event_id:
+                        event.event_id = event_id_new()
                 for sink in list(self.sinks):
                     try:
                         sink(batch)
                     except Exception:
                         logger.exception("usage sink %r failed on %d records", sink, len(batch))
                 sent += len(batch)
+            for tick in list(self.ticks):
+                try:
+                    tick()
+                except Exception:
+                    logger.exception("usage tick %r failed", tick)
         return sent
 
     def discard(self) -> int:
@@ -150,12 +180,37 @@ class UsageEmitter:
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=10)
             self._thread = None
         self.flush()
 
 
+# Ledger ids: a random tag per process (renewed in a forked child) and a counter, made on the emitter's
+# thread. 16 + 12 hex digits: unique across processes and restarts in practice (a 64-bit random tag).
+_event_tag = secrets.token_hex(8)
+_event_sequence = itertools.count(1)
+
+
+def _event_tag_renew() -> None:
+    global _event_tag, _event_sequence
+    _event_tag = secrets.token_hex(8)
+    _event_sequence = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_event_tag_renew)
+
+
+def event_id_new() -> str:
+    return f"{_event_tag}{next(_event_sequence):012x}"
+
+
 emitter = UsageEmitter()
+
+
+def usage_tick_register(tick: Callable[[], None]) -> None:
+    """Run ``tick`` after every flush of the emitter's thread, also when nothing was queued (once per tick)."""
+    if tick not in emitter.ticks:
+        emitter.ticks.append(tick)
 
 
 def usage_sink_register(sink: Sink) -> None:

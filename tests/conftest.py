@@ -10,6 +10,7 @@ from django.conf import settings
 from django.core.cache import cache
 
 from apiforge.local_cache import local_caches_clear
+from gateway_stats.transport import ledger_transport
 from gateway_stats.usage import emitter
 from keys.services import key_usage_forget
 
@@ -61,6 +62,7 @@ def _clear_cache() -> Iterator[None]:
     """Each test starts with an empty cache (only this run's prefixed keys are touched)."""
     yield
     emitter.discard()  # this test's usage records never reach the next test (tests flush what they check)
+    ledger_transport.reset()
     if settings.REDIS_URL:
         _delete_prefixed_keys()
     else:
