@@ -77,13 +77,16 @@ def test_concurrent_calls_give_exactly_one_row_each_with_the_upstreams_tokens_an
         assert row.total_tokens == expected["total_tokens"]
         assert row.cost == _expected_cost(row.prompt_tokens, row.completion_tokens)
         assert (row.input_price_per_1k, row.output_price_per_1k) == (PRICE_IN, PRICE_OUT)
-        assert row.key_id == client.key.pk and row.user_id == client.key.owner_id
+        assert row.key_id == client.key.pk
+        assert row.user_id == client.key.owner_id
         assert row.key_prefix == client.key.prefix
         assert (row.model, row.upstream, row.upstream_model) == ("gpt-test", "fake", "fake-model-1")
         assert (row.endpoint, row.method, row.status, row.error_code) == ("/v1/chat/completions", "POST", 200, "")
         assert row.stream is (int(row.request_id.split("-")[1]) % 2 == 1)
-        assert row.request_bytes > 0 and row.response_bytes > 0
-        assert row.latency_ms > 0 and row.client_ip == "127.0.0.1"
+        assert row.request_bytes > 0
+        assert row.response_bytes > 0
+        assert row.latency_ms > 0
+        assert row.client_ip == "127.0.0.1"
         if row.stream:
             assert 0 < row.ttfb_ms <= row.latency_ms
     emitter.flush()
@@ -100,8 +103,10 @@ def test_refused_calls_are_in_the_ledger_too(client):
     emitter.flush()
 
     rows = {row.error_code: row for row in UsageRecord.objects.all()}
-    assert rows["invalid_api_key"].status == 401 and rows["invalid_api_key"].key_id is None
-    assert rows["model_not_found"].status == 404 and rows["model_not_found"].key_id == client.key.pk
+    assert rows["invalid_api_key"].status == 401
+    assert rows["invalid_api_key"].key_id is None
+    assert rows["model_not_found"].status == 404
+    assert rows["model_not_found"].key_id == client.key.pk
 
 
 def _event(**fields) -> UsageEvent:
@@ -117,7 +122,8 @@ def test_a_batch_written_twice_is_in_the_ledger_once():
     first = ledger_write(rows)
     second = ledger_write(rows + rows[:2])
 
-    assert len(first) == 5 and second == []
+    assert len(first) == 5
+    assert second == []
     assert UsageRecord.objects.count() == 5
     assert ledger_write([]) == []
 
@@ -293,7 +299,8 @@ def test_a_spool_that_cannot_be_written_counts_and_logs_the_drop_once(tmp_path, 
 
     assert dropped == [1, 2]
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 1 and "1 usage records dropped" in errors[0].getMessage()
+    assert len(errors) == 1
+    assert "1 usage records dropped" in errors[0].getMessage()
 
 
 def test_the_spool_directory_default_is_per_run_in_tests():
