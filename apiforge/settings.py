@@ -209,6 +209,27 @@ USAGE_SPOOL_DIR = env.str(
     default=os.path.join(tempfile.gettempdir(), f"apiforge-test-spool-{os.getpid()}") if APP_ENV == "test" else "",
 )
 
+# --- Usage statistics (gateway_stats: rollups.py, stats.py, apis.py) --------------------------------
+# Rollups per minute/hour/day by `celery beat` every USAGE_ROLLUP_INTERVAL_S; statistics merge them with the
+# raw rows ingested since (gateway_stats/stats.py), so they are current without waiting for a run.
+USAGE_ROLLUP_INTERVAL_S = env.float("USAGE_ROLLUP_INTERVAL_S", default=30.0)
+# Each run re-reads the rows ingested this long before the last watermark (transactions committing late).
+USAGE_ROLLUP_OVERLAP_S = env.float("USAGE_ROLLUP_OVERLAP_S", default=300.0)
+USAGE_RAW_RETENTION_DAYS = env.int("USAGE_RAW_RETENTION_DAYS", default=30)
+USAGE_ROLLUP_RETENTION_DAYS = env.int("USAGE_ROLLUP_RETENTION_DAYS", default=400)
+if USAGE_ROLLUP_INTERVAL_S <= 0 or USAGE_ROLLUP_OVERLAP_S < 0 or USAGE_RAW_RETENTION_DAYS < 2:
+    raise environ.ImproperlyConfigured(
+        "USAGE_ROLLUP_INTERVAL_S must be > 0, USAGE_ROLLUP_OVERLAP_S >= 0, USAGE_RAW_RETENTION_DAYS >= 2"
+    )
+CELERY_BEAT_SCHEDULE = {
+    "usage-rollup": {
+        "task": "gateway_stats.rollup",
+        "schedule": USAGE_ROLLUP_INTERVAL_S,
+        "options": {"expires": USAGE_ROLLUP_INTERVAL_S},  # a run queued behind a busy worker is skipped
+    },
+    "usage-retention": {"task": "gateway_stats.retention", "schedule": 3600.0, "options": {"expires": 1800}},
+}
+
 # --- Auth ----------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

@@ -67,6 +67,8 @@ class UsageRecord(models.Model):
             models.Index(fields=["started_at", "model"], name="usage_started_model"),
             models.Index(fields=["key", "started_at"], name="usage_key_started"),
             models.Index(fields=["user", "started_at"], name="usage_user_started"),
+            # /api/stats/errors reads the failed calls of a range only.
+            models.Index(fields=["started_at"], condition=models.Q(status__gte=400), name="usage_errors_started"),
         ]
 
     def __str__(self) -> str:
@@ -91,3 +93,60 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.action} {self.object_type}:{self.object_id}"
+
+
+class UsageRollup(models.Model):
+    """The ledger summed per minute, hour or day and per key, user, model, upstream and route.
+
+    Written only by ``gateway_stats.rollups`` (whole buckets recomputed from the raw rows, minutes from
+    the ledger, hours from minutes, days from hours), read by ``gateway_stats.stats``. ``latency`` is a
+    sparse histogram ``{bucket index: count}`` of ``gateway_stats.histogram``: merging buckets adds counts,
+    so percentiles over any range stay correct (never an average of averages). ``key_id`` and ``user_id``
+    are plain numbers: like the ledger, the rollups outlive the keys and users they name.
+    """
+
+    class Granularity(models.TextChoices):
+        MINUTE = "minute"
+        HOUR = "hour"
+        DAY = "day"
+
+    granularity = models.CharField(max_length=6, choices=Granularity.choices)
+    bucket = models.DateTimeField(help_text="Start of the bucket (UTC).")
+    key_id = models.BigIntegerField(null=True, blank=True)
+    key_prefix = models.CharField(max_length=32, blank=True)
+    user_id = models.BigIntegerField(null=True, blank=True)
+    model = models.CharField(max_length=128, blank=True)
+    upstream = models.CharField(max_length=128, blank=True)
+    route = models.CharField(max_length=128, blank=True)
+    requests = models.PositiveBigIntegerField(default=0)
+    errors_4xx = models.PositiveBigIntegerField(default=0)
+    errors_5xx = models.PositiveBigIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    cost = models.DecimalField(max_digits=24, decimal_places=10, default=0)
+    request_bytes = models.PositiveBigIntegerField(default=0)
+    response_bytes = models.PositiveBigIntegerField(default=0)
+    latency = models.JSONField(default=dict, blank=True, help_text="{histogram bucket index: count}.")
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["granularity", "bucket"], name="rollup_bucket"),
+            models.Index(fields=["granularity", "user_id", "bucket"], name="rollup_user_bucket"),
+            models.Index(fields=["granularity", "key_id", "bucket"], name="rollup_key_bucket"),
+            models.Index(fields=["granularity", "model", "bucket"], name="rollup_model_bucket"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.granularity} {self.bucket:%Y-%m-%d %H:%M} {self.model or '-'} {self.requests}"
+
+
+class UsageRollupState(models.Model):
+    """How far the rollups have read the ledger: every rollup counts exactly the ledger rows of its bucket
+    whose ``ingested_at`` is before ``watermark``; the statistics add the rows from ``watermark`` on."""
+
+    name = models.CharField(max_length=32, primary_key=True)
+    watermark = models.DateTimeField()
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} @ {self.watermark:%Y-%m-%d %H:%M:%S}"

@@ -3,6 +3,7 @@
 from django.urls import URLPattern, URLResolver, path  # noqa: F401  (the views below add their paths)
 from rest_framework.routers import SimpleRouter
 
+from gateway_stats.apis import ErrorsStatsApi, SummaryStatsApi, UsageStatsApi
 from gateway_stats.records_api import AuditEventViewSet, UsageRecordViewSet
 
 # The request log and the audit trail: /api/usage/, /api/usage/{request_id}/, /api/audit/, /api/audit/{id}/.
@@ -12,4 +13,7 @@ records.register("audit", AuditEventViewSet, basename="audit-event")
 
 urlpatterns: list[URLPattern | URLResolver] = [
     *records.urls,
+    path("stats/usage", UsageStatsApi.as_view(), name="stats-usage"),
+    path("stats/summary", SummaryStatsApi.as_view(), name="stats-summary"),
+    path("stats/errors", ErrorsStatsApi.as_view(), name="stats-errors"),
 ]
