@@ -58,6 +58,8 @@ class UsageEvent:
     output_price_per_1k: Decimal = Decimal(0)
     # The call's unique id in the ledger: given by the emitter's thread when it first takes the event.
     event_id: str = ""
+    # A stream's final event ([DONE]) went out: a client leaving after it had the whole answer (not a 499).
+    complete: bool = False
 
     @property
     def total_tokens(self) -> int:

@@ -33,9 +33,14 @@ def relay(answer: UpstreamAnswer, event: UsageEvent, started: float, keep_usage_
     return ProxyResponse(200, content_type=SSE, stream=stream, abort=abort)
 
 
+_DONE = b"data: [DONE]\n\n"
+
+
 def _abort(event: UsageEvent, close: Callable[[], None]) -> None:
-    event.status = 499
-    event.error_code = "client_disconnected"
+    # A client that leaves once it read the final [DONE] has its whole answer: that call is not a 499.
+    if not event.complete:
+        event.status = 499
+        event.error_code = "client_disconnected"
     close()
 
 
@@ -60,13 +65,17 @@ async def relay_stream(
                 events = usage_in(events, event, keep_usage_chunk)
             if events:
                 event.response_bytes += len(events)
+                if events.endswith(_DONE):
+                    event.complete = True
                 yield events
         if buffer.strip():
             tail = usage_in(buffer, event, keep_usage_chunk) if b'"usage"' in buffer else buffer
             event.response_bytes += len(tail)
+            event.complete = event.complete or tail.rstrip().endswith(_DONE.rstrip())
             yield tail
     except ProxyError as error:
-        if event.error_code != "client_disconnected":
+        # Not after the client left (its abort closed the upstream) nor once the whole answer went out.
+        if event.error_code != "client_disconnected" and not event.complete:
             event.status = error.status
             event.error_code = error.code
             error_event = error.sse_event()
@@ -80,8 +89,9 @@ async def relay_stream(
         event.error_code = failure.code
         yield failure.sse_event()
     except (asyncio.CancelledError, GeneratorExit):
-        event.status = 499
-        event.error_code = "client_disconnected"
+        if not event.complete:
+            event.status = 499
+            event.error_code = "client_disconnected"
         raise
     finally:
         account(event, started)
