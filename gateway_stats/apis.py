@@ -82,9 +82,12 @@ class StatsQuerySerializer(serializers.Serializer):
 
     start = serializers.DateTimeField(
         required=False,
-        help_text="ISO 8601 date-time (a date means its midnight; no offset means UTC). Default: `end` - 24 h.",
+        help_text="ISO 8601 date-time (a date means its midnight; no offset means UTC), from 1970-01-01 to "
+        "3000-01-01, before `end`. Default: `end` - 24 h. The range is limited (see the operation).",
     )
-    end = serializers.DateTimeField(required=False, help_text="ISO 8601 date-time, exclusive. Default: now.")
+    end = serializers.DateTimeField(
+        required=False, help_text="ISO 8601 date-time, exclusive, from 1970-01-01 to 3000-01-01. Default: now."
+    )
     key = serializers.IntegerField(
         required=False, min_value=1, max_value=MAX_ID, help_text="Only the calls of this API key (its id)."
     )
@@ -99,11 +102,12 @@ class StatsQuerySerializer(serializers.Serializer):
     max_range: ClassVar[timedelta] = SUMMARY_MAX_RANGE
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        for name in ("start", "end"):
+            # Checked before the defaults are computed from them (0001-01-01 minus a day is an OverflowError).
+            if name in attrs and not EARLIEST <= attrs[name] <= LATEST:
+                raise ValidationError({name: ["Must be between 1970-01-01 and 3000-01-01."]})
         end = attrs.get("end") or timezone.now()
         start = attrs.get("start") or end - DEFAULT_RANGE
-        for name, moment in (("start", start), ("end", end)):
-            if not EARLIEST <= moment <= LATEST:
-                raise ValidationError({name: ["Must be between 1970-01-01 and 3000-01-01."]})
         if end <= start:
             raise ValidationError({"end": [f"Must be after start ({start.isoformat()}); it defaults to now."]})
         attrs["start"], attrs["end"] = start, end
@@ -437,7 +441,7 @@ class SummaryStatsApi(_StatsView):
         tags=["stats"],
         summary="Usage summary",
         description="Totals over the range (rounded outward to whole minutes) with latency p50/p95/p99 from "
-        f"merged histograms, and the top {TOP} keys, models and upstreams by requests or cost. "
+        f"merged histograms, and the top {TOP} keys, models and upstreams by requests or cost. At most 800 days. "
         + _FRESH
         + _WHO
         + "`?format=csv`: a `total` row, then one row per top entry (`section` says which list).",

@@ -75,9 +75,11 @@ _INSERT_BATCH = 1000
 # Minutes recomputed from raw rows per query (and hours from minutes, per day) when re-running a range.
 _RAW_CHUNK = timedelta(hours=1)
 _MERGE_CHUNK = timedelta(days=1)
-# The range task's limits; the lock outlives a run killed at the hard limit by a minute.
-RANGE_SOFT_LIMIT_S = 540
-RANGE_HARD_LIMIT_S = 600
+# The rollup task's limits (a range re-run may take minutes); the lock outlives a run killed at the hard
+# limit by a minute, so two runs never overlap, and a dead worker's lock is gone 11 minutes later at most.
+ROLLUP_SOFT_LIMIT_S = 540
+ROLLUP_HARD_LIMIT_S = 600
+LOCK_TIMEOUT_S = ROLLUP_HARD_LIMIT_S + 60
 RETENTION_SOFT_LIMIT_S = 300
 RETENTION_HARD_LIMIT_S = 330
 # Retention stops deleting after this long and finishes at its next run (well within its soft time limit).
@@ -308,8 +310,7 @@ def usage_watermark() -> datetime | None:
 def usage_rollup(*, now: datetime | None = None) -> RollupResult:
     """One beat run: roll up what the ledger received since the last run (see the module docstring)."""
     now = now or timezone.now()
-    interval_s: float = settings.USAGE_ROLLUP_INTERVAL_S
-    with rollup_lock(max(120.0, 4 * interval_s)) as acquired:
+    with rollup_lock(LOCK_TIMEOUT_S) as acquired:
         if not acquired:
             logger.info("usage rollup skipped: another run holds the lock")
             return RollupResult(ran=False, reason="locked")
@@ -338,7 +339,7 @@ def usage_rollup_range(*, start: datetime, end: datetime, now: datetime | None =
     Nothing happens before the first regular run (there is no rollup to correct yet).
     """
     now = now or timezone.now()
-    with rollup_lock(RANGE_HARD_LIMIT_S + 60) as acquired:
+    with rollup_lock(LOCK_TIMEOUT_S) as acquired:
         if not acquired:
             return RollupResult(ran=False, reason="locked")
         watermark = usage_watermark()
@@ -401,8 +402,8 @@ def _moment(value: str, name: str) -> datetime:
     bind=True,
     ignore_result=True,
     max_retries=20,
-    soft_time_limit=RANGE_SOFT_LIMIT_S,
-    time_limit=RANGE_HARD_LIMIT_S,
+    soft_time_limit=ROLLUP_SOFT_LIMIT_S,
+    time_limit=ROLLUP_HARD_LIMIT_S,
 )
 def rollup_task(self: Any, start: str | None = None, end: str | None = None) -> None:
     """The beat's rollup run; with ``start`` and ``end`` (ISO 8601), a re-run of that range (retried while
