@@ -27,9 +27,9 @@ INGEST_RETRY_S = 5
 def usage_ingest(self: Task[Any, Any], rows: list[Row]) -> int:
     """Write a batch of usage rows to the ledger (idempotent); returns how many were new."""
     try:
-        records = ledger_write(rows)
+        written = ledger_write(rows)
     except DATABASE_ERRORS as exc:
         # The database is away: the same rows again later (a new message; this one is then acknowledged).
         raise self.retry(exc=exc, countdown=INGEST_RETRY_S) from exc
     ingestion_lag_note(rows)
-    return len(records)
+    return len(written)
