@@ -249,8 +249,11 @@ def _collect(
     tail: QuerySet[Any] = UsageRecord.objects.filter(flt.q(), started_at__gte=start, started_at__lt=end).order_by()
     if watermark is not None:
         tail = tail.filter(ingested_at__gte=watermark)
+    rollup_keys, rollup_histogram_keys = keys, histogram_keys
     if interval is not None:
-        rollups = rollups.annotate(b=F("bucket"))
+        # The rollups' own column (not an annotation: _rollup_histograms reads the columns in this order).
+        rollup_keys = tuple("bucket" if name == "b" else name for name in keys)
+        rollup_histogram_keys = tuple("bucket" if name == "b" else name for name in histogram_keys)
         tail = tail.annotate(b=Trunc("started_at", interval, tzinfo=UTC))
     result: dict[tuple[Any, ...], UsageNumbers] = {}
 
@@ -260,14 +263,41 @@ def _collect(
             numbers = result[key] = UsageNumbers()
         return numbers
 
-    for queryset, sums in ((rollups, _rollup_sums()), (tail, _raw_sums())):
-        for item in queryset.values(*keys).annotate(**sums):
-            entry(tuple(item[name] for name in keys)).add(_numbers(item))
-    for values in rollups.values_list(*histogram_keys, "latency"):
-        entry(("latency", *values[:-1])).histogram_add(values[-1].items())
+    for item in rollups.values(*rollup_keys).annotate(**_rollup_sums()):
+        entry(tuple(item[name] for name in rollup_keys)).add(_numbers(item))
+    for item in tail.values(*keys).annotate(**_raw_sums()):
+        entry(tuple(item[name] for name in keys)).add(_numbers(item))
+    for values in _rollup_histograms(rollups, rollup_histogram_keys):
+        entry(("latency", *values[:-2])).histogram_add([(values[-2], values[-1])])
     for values in tail.values_list(*histogram_keys, "latency_bucket").annotate(count=Count("id")):
         entry(("latency", *values[:-2])).histogram_add([(values[-2], values[-1])])
     return result
+
+
+def _rollup_histograms(rollups: QuerySet[Any], keys: tuple[str, ...]) -> list[tuple[Any, ...]]:
+    """``(*keys, bucket index, count)`` of the rollups' histograms added up per ``keys`` (model fields only).
+
+    PostgreSQL adds them itself (``jsonb_each_text``): parsing each row's JSON in Python costs about 15 µs,
+    seconds for a day of busy minute rows. Elsewhere (the embedded SQLite) they are added here.
+    """
+    if not rollups.query.is_empty() and connection.vendor == "postgresql":
+        sql, params = rollups.values_list(*keys, "latency").query.sql_with_params()
+        columns = [f"c{index}" for index in range(len(keys))]
+        query = (
+            f"SELECT {''.join(f'{column}, ' for column in columns)}h.key::integer, SUM(h.value::bigint)"  # noqa: S608
+            f" FROM ({sql}) AS r({', '.join([*columns, 'latency'])})"
+            " CROSS JOIN LATERAL jsonb_each_text(r.latency) AS h"
+            f" GROUP BY {', '.join([*columns, 'h.key'])}"
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(query, params)
+            return [tuple(row) for row in cursor.fetchall()]
+    totals: dict[tuple[Any, ...], int] = {}
+    for values in rollups.values_list(*keys, "latency"):
+        for index, count in values[-1].items():
+            key = (*values[:-1], int(index))
+            totals[key] = totals.get(key, 0) + int(count)
+    return [(*key, count) for key, count in totals.items()]
 
 
 def _group_value(value: Any) -> str | None:
