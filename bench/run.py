@@ -468,6 +468,13 @@ def run_own_stack(args: argparse.Namespace) -> int:
         seed = json.loads(seeded.stdout.strip().splitlines()[-1])
         gateway = start("gateway", server_command(args, gateway_port), cpus=args.cpus, env=env, logdir=args.workdir)
         started.append(gateway)
+        if args.celery_worker:
+            # The ledger's consumer, on the load CPUs (the gateway keeps its own): as `make worker` runs it.
+            worker_cmd = [
+                str(args.venv / "bin" / "celery"), "-A", "apiforge", "worker", "--pool", "solo", "-c", "1",
+                "--without-gossip", "--without-mingle", "-l", "WARNING",
+            ]  # fmt: skip
+            started.append(start("celery_worker", worker_cmd, cpus=args.load_cpus, env=env, logdir=args.workdir))
         wait_ready(f"http://127.0.0.1:{mock_port}/health", mock)
         wait_ready(f"http://127.0.0.1:{gateway_port}/health", gateway)
         time.sleep(1.0 if args.workers == 1 else 3.0)  # let every worker finish booting
@@ -475,11 +482,42 @@ def run_own_stack(args: argparse.Namespace) -> int:
             Target("direct", chat_url(upstream_base), "", seed["upstream_model"]),
             Target("proxy", chat_url(f"http://127.0.0.1:{gateway_port}/v1"), seed["api_key"], seed["model"]),
         ]
-        return bench(args, targets, [gateway.pid], stream_checks=True)
+        status = bench(args, targets, [gateway.pid], stream_checks=True)
+        ledger_report(args.workdir / "bench.sqlite3")
+        return status
     finally:
         for proc in reversed(started):
             proc.stop()
             log(f"stopped {proc.name} (pid {proc.pid})")
+
+
+def ledger_report(database: Path, settle_s: float = 30.0) -> None:
+    """The ledger after the run: its rows once they stop arriving, and how long each took from the end of its
+    call to its commit (the ingestion lag: what a stats query sees at the earliest)."""
+    import sqlite3
+    from datetime import datetime
+
+    deadline, last = time.monotonic() + settle_s, -1
+    with sqlite3.connect(database, timeout=30) as db:
+        while time.monotonic() < deadline:
+            (count,) = db.execute("SELECT count(*) FROM gateway_stats_usagerecord").fetchone()
+            if count == last:
+                break
+            last = count
+            time.sleep(2.0)
+        rows = db.execute("SELECT started_at, ingested_at, latency_ms FROM gateway_stats_usagerecord").fetchall()
+    if not rows:
+        log("ledger: no rows")
+        return
+    lags = sorted(
+        (datetime.fromisoformat(ingested) - datetime.fromisoformat(started)).total_seconds() - latency / 1000
+        for started, ingested, latency in rows
+    )
+    pick = lambda q: lags[min(len(lags) - 1, int(q * len(lags)))]  # noqa: E731
+    log(
+        f"ledger: {len(rows)} rows; ingestion lag (call end -> committed) "
+        f"p50={pick(0.5):.2f} s p99={pick(0.99):.2f} s max={lags[-1]:.2f} s"
+    )
 
 
 def bench(args: argparse.Namespace, targets: list[Target], rss_pids: list[int], *, stream_checks: bool) -> int:
@@ -525,6 +563,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     stack.add_argument("--port", type=int, default=0, help="gateway port (default: a free one)")
     stack.add_argument("--upstream-port", type=int, default=0, help="mock upstream port (default: a free one)")
     stack.add_argument("--redis-url", default="", help="give the gateway Redis (default: the embedded setup)")
+    stack.add_argument(
+        "--celery-worker", action="store_true", help="with --redis-url: run a Celery worker (the ledger's consumer)"
+    )
     stack.add_argument("--venv", type=Path, default=Path(sys.prefix), help="virtualenv with the servers")
     stack.add_argument("--keep", action="store_true", help="keep the work directory (logs, database)")
     running = parser.add_argument_group("an already running stack")
