@@ -43,6 +43,12 @@ class StrictDjangoFilterBackend(DjangoFilterBackend):
 
 @extend_schema_field(OpenApiTypes.INT)
 class IdFilter(NumberFilter):
-    """An integer id (``?owner=42``), documented as an integer."""
+    """An integer id (``?owner=42``), documented as an integer; beyond a 64-bit id it is a 400, not a database
+    overflow (SQLite and PostgreSQL both refuse such a parameter)."""
 
     field_class = forms.IntegerField
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("min_value", -(2**63))
+        kwargs.setdefault("max_value", 2**63 - 1)
+        super().__init__(**kwargs)

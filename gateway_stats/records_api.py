@@ -29,6 +29,12 @@ class _TimeRangeForm(forms.Form):
 
     def clean(self) -> dict[str, Any]:
         cleaned: dict[str, Any] = super().clean() or {}
+        for name in ("start", "end"):
+            value = cleaned.get(name)
+            # Checked on the year, not by comparing instants: year 9999 at -13:00 overflows once made UTC.
+            if value is not None and not 1970 <= value.year < 3000:
+                self.add_error(name, "Must be between 1970-01-01 and 3000-01-01.")
+                cleaned.pop(name, None)
         start, end = cleaned.get("start"), cleaned.get("end")
         if start is not None and end is not None and end <= start:
             self.add_error("end", "Must be after start.")

@@ -126,6 +126,16 @@ MATRIX: dict[tuple[str, str], dict[str, int]] = {
     ("/api/usage/{request_id}/", "GET"): _row(401, 200, 404, 404, 404, 200),  # a call made with user's key
     ("/api/usage/{request_id}/", "HEAD"): _row(401, 200, 404, 404, 404, 200),
     ("/api/usage/{request_id}/", "OPTIONS"): _ANY_USER,  # describes the endpoint, does not read the call
+    # --- statistics: everyone reads the stats of their own keys; everyone's needs view_usagerecord ---------
+    ("/api/stats/usage", "GET"): _ANY_USER,
+    ("/api/stats/usage", "HEAD"): _ANY_USER,
+    ("/api/stats/usage", "OPTIONS"): _ANY_USER,
+    ("/api/stats/summary", "GET"): _ANY_USER,
+    ("/api/stats/summary", "HEAD"): _ANY_USER,
+    ("/api/stats/summary", "OPTIONS"): _ANY_USER,
+    ("/api/stats/errors", "GET"): _ANY_USER,
+    ("/api/stats/errors", "HEAD"): _ANY_USER,
+    ("/api/stats/errors", "OPTIONS"): _ANY_USER,
     # --- audit trail: staff holding gateway_stats.view_auditevent only --------------------------------
     ("/api/audit/", "GET"): _row(401, 403, 403, 403, 403, 200),
     ("/api/audit/", "HEAD"): _row(401, 403, 403, 403, 403, 200),
@@ -135,7 +145,7 @@ MATRIX: dict[tuple[str, str], dict[str, int]] = {
     ("/api/audit/{pk}/", "OPTIONS"): _row(401, 403, 403, 403, 403, 200),
 }
 
-EXPECTED_CELLS = 70 * len(ROLES)
+EXPECTED_CELLS = 79 * len(ROLES)
 
 # Whose keys each role finds in GET /api/keys/: its own, or everyone's.
 _KEYS_SEEN = {"user": "own", "other_user": "own", "staff": "own", "staff_with_perms": "all", "superuser": "all"}

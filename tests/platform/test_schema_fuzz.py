@@ -97,9 +97,13 @@ SEMANTIC_RULES: dict[tuple[str, str], frozenset[str]] = {
     # Deployments name existing upstreams, fallbacks existing models; names are unique.
     ("POST", "/api/models/"): frozenset({"deployments", "fallbacks", "name"}),
     ("PATCH", "/api/models/{id}/"): frozenset({"deployments", "fallbacks", "name"}),
-    # A time range's end comes after its start.
-    ("GET", "/api/usage/"): frozenset({"end"}),
-    ("GET", "/api/audit/"): frozenset({"end"}),
+    # A time range's end comes after its start; both between 1970 and 3000; ids fit in 64 bits.
+    ("GET", "/api/usage/"): frozenset({"start", "end", "key", "user"}),
+    ("GET", "/api/audit/"): frozenset({"start", "end", "actor"}),
+    # The statistics' ranges: end after start, limited per interval (see each operation's description).
+    ("GET", "/api/stats/usage"): frozenset({"start", "end", "interval"}),
+    ("GET", "/api/stats/summary"): frozenset({"start", "end"}),
+    ("GET", "/api/stats/errors"): frozenset({"start", "end"}),
 }
 
 
