@@ -121,6 +121,12 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"].setdefault("OPTIONS", {}).update(
         {"transaction_mode": "IMMEDIATE", "timeout": 20, "init_command": "PRAGMA journal_mode=WAL;"}
     )
+    if APP_ENV == "test":
+        # A file, not Django's shared-cache in-memory database: there, two threads writing at once fail at once
+        # ("database table is locked", the busy timeout does not apply), which a real SQLite file never does.
+        DATABASES["default"].setdefault(
+            "TEST", {"NAME": os.path.join(tempfile.gettempdir(), f"apiforge-test-{os.getpid()}.sqlite3")}
+        )
 DATABASES["default"]["ATOMIC_REQUESTS"] = False  # Django refuses async views with it on.
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env.bool("DB_POOL", default=True):
     # A bounded pool per process (psycopg_pool): concurrent requests share DB_POOL_MAX_SIZE connections instead
