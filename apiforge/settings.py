@@ -373,6 +373,8 @@ STATIC_ROOT = env.str("STATIC_ROOT", default=str(BASE_DIR / "staticfiles"))
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO").upper()
 LOG_FORMAT = env.str("LOG_FORMAT", default="json" if IS_PRODUCTION else "console")
 
+_LOG_FORMAT = LOG_FORMAT if LOG_FORMAT in {"json", "console"} else "console"
+_CONSOLE_FORMAT = "%(asctime)s %(levelname)-7s [%(request_id)s] %(name)s: %(message)s"
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -383,19 +385,26 @@ LOGGING = {
             "fmt": "%(asctime)s %(levelname)s %(name)s %(request_id)s %(message)s",
             "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
         },
-        "console": {"format": "%(asctime)s %(levelname)-7s [%(request_id)s] %(name)s: %(message)s"},
+        "console": {"format": _CONSOLE_FORMAT},
+        # The access log's (one line per proxied call): the same lines, made without python-json-logger and
+        # written a whole usage batch at a time (gateway_stats/access_log.py).
+        "access_json": {"()": "gateway_stats.access_log.AccessLogFormatter", "json": True},
+        "access_console": {"()": "gateway_stats.access_log.AccessLogFormatter", "fmt": _CONSOLE_FORMAT},
     },
     "handlers": {
         "default": {
             "class": "logging.StreamHandler",
-            "formatter": LOG_FORMAT if LOG_FORMAT in {"json", "console"} else "console",
+            "formatter": _LOG_FORMAT,
             "filters": ["request_id"],
-        }
+        },
+        "access": {"class": "gateway_stats.access_log.AccessLogHandler", "formatter": f"access_{_LOG_FORMAT}"},
     },
     "root": {"handlers": ["default"], "level": LOG_LEVEL},
     "loggers": {
         "django": {"level": LOG_LEVEL, "propagate": True},
         "django.request": {"level": "ERROR", "propagate": True},
         "django.server": {"level": "WARNING", "propagate": True},
+        # Its level is the root's (LOG_LEVEL); ACCESS_LOG=false turns it off.
+        "apiforge.access": {"handlers": ["access"], "propagate": False},
     },
 }

@@ -15,12 +15,21 @@ import zmq
 from django.test import Client
 from prometheus_client import REGISTRY
 
-from gateway_stats.events import GROUP, bus, event_publish, usage_event_payload, usage_events_sink
+from gateway_stats.events import (
+    GROUP,
+    GROUP_MESSAGE_MAX,
+    MAX_BATCH,
+    bus,
+    event_publish,
+    usage_event_payload,
+    usage_events_sink,
+)
 from gateway_stats.usage import UsageEvent, emitter
 from tests.observability.conftest import MESSAGES, free_port
 from tests.proxy.fake_upstream import FakeUpstream
 
 WAIT_S = 5.0
+BUSES = ("queue", "channels", "zmq", "encode")
 
 
 def counter(name: str, bus_name: str) -> float:
@@ -219,8 +228,95 @@ async def test_the_staff_events_group_of_the_channel_layer_receives_usage_and_au
         if not in_process:
             await layer.close_pools()
 
-    assert first == {"type": "usage.event", "event": usage_event_payload(event)}
-    assert second == {"type": "audit.event", "event": {"action": "user.login", "actor": 7}}
+    assert first == {"type": "usage.events", "events": [usage_event_payload(event)]}
+    assert second == {"type": "audit.events", "events": [{"action": "user.login", "actor": 7}]}
+
+
+async def test_a_batch_of_calls_is_one_group_message_and_one_zeromq_message_per_call(
+    zmq_address: str, subscriber: Any
+) -> None:
+    from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers, get_channel_layer
+    from django.conf import settings
+
+    await asyncio.to_thread(subscribe, subscriber, "usage")
+    assert await asyncio.to_thread(bus.drain, WAIT_S)  # the probes are gone before the group is joined
+    in_process = settings.CHANNEL_LAYERS["default"]["BACKEND"] == "channels.layers.InMemoryChannelLayer"
+    layer = get_channel_layer() if in_process else channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
+    channel = await layer.new_channel()
+    await layer.group_add(GROUP, channel)
+    # Values that look like the JSON around them stay in their event.
+    ids = [f"batch-{n}" for n in range(GROUP_MESSAGE_MAX + 2)] + ['q"},{"event_id":"x', "nl\n},{"]
+    events = [
+        UsageEvent(request_id=request_id, endpoint="/v1/embeddings", status=200, model=f"m{n}", event_id=f"e{n}")
+        for n, request_id in enumerate(ids)
+    ]
+    try:
+
+        def publish() -> bool:
+            usage_events_sink(events)
+            return bus.drain(WAIT_S)
+
+        assert await asyncio.to_thread(publish)
+        messages = [await asyncio.wait_for(layer.receive(channel), WAIT_S) for _ in range(2)]
+        received = await asyncio.to_thread(receive, subscriber, len(ids))
+    finally:
+        await layer.group_discard(GROUP, channel)
+        if not in_process:
+            await layer.close_pools()
+
+    assert [message["type"] for message in messages] == ["usage.events", "usage.events"]
+    assert [len(message["events"]) for message in messages] == [GROUP_MESSAGE_MAX, len(ids) - GROUP_MESSAGE_MAX]
+    payloads = [usage_event_payload(event) for event in events]
+    assert messages[0]["events"] + messages[1]["events"] == payloads
+    assert received == [("usage", payload) for payload in payloads], "one message per call, in order"
+
+
+def test_a_batch_larger_than_the_room_left_is_cut_and_the_rest_counted(settings: Any, fresh_bus: Any) -> None:
+    settings.EVENTS_QUEUE_MAX = 5
+    dropped, published = counter("dropped", "queue"), counter("published", "channels")
+    usage_events_sink([UsageEvent(request_id=f"cut-{n}", endpoint="/v1/embeddings", status=200) for n in range(8)])
+    assert bus.drain(WAIT_S)
+    assert counter("dropped", "queue") == dropped + 3
+    assert counter("published", "channels") == published + 5
+
+
+def test_a_string_orjson_refuses_drops_that_event_only(zmq_address: str, subscriber: Any) -> None:
+    subscribe(subscriber, "usage")
+    dropped = counter("dropped", "encode")
+    usage_events_sink(
+        [
+            UsageEvent(request_id="fine-1", endpoint="/v1/embeddings", status=200),
+            UsageEvent(request_id="bad", endpoint="/v1/embeddings", status=200, model="bad\ud800"),
+            UsageEvent(request_id="fine-2", endpoint="/v1/embeddings", status=200),
+        ]
+    )
+    assert [payload["request_id"] for _, payload in receive(subscriber, 2)] == ["fine-1", "fine-2"]
+    assert bus.drain(WAIT_S)
+    assert counter("dropped", "encode") == dropped + 1
+
+
+def test_without_any_bus_nothing_is_published_or_dropped(settings: Any, fresh_bus: Any) -> None:
+    settings.CHANNEL_LAYERS = {}
+    settings.EVENTS_ZMQ_PUB = ""
+    before = {(name, bus_name): counter(name, bus_name) for name in ("published", "dropped") for bus_name in BUSES}
+    usage_events_sink([UsageEvent(request_id="void", endpoint="/v1/embeddings", status=200)])
+    event_publish("audit", {"action": "x"})
+    assert bus.drain(WAIT_S)
+    assert {(name, bus_name): counter(name, bus_name) for name, bus_name in before} == before
+
+
+@pytest.mark.expect_error_log
+def test_a_batch_that_breaks_the_publisher_is_logged_and_the_next_still_goes_out(
+    fresh_bus: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    published = counter("published", "channels")
+    with caplog.at_level(logging.ERROR, logger="gateway_stats.events"):
+        bus.publish_usage(["not a usage event"])  # type: ignore[list-item]
+        assert bus.drain(WAIT_S)
+    usage_events_sink([UsageEvent(request_id="after", endpoint="/v1/embeddings", status=200)])
+    assert bus.drain(WAIT_S)
+    assert "publishing a batch failed" in caplog.text
+    assert counter("published", "channels") == published + 1
 
 
 def test_a_full_queue_drops_new_events_and_counts_them(settings: Any, fresh_bus: Any, caplog) -> None:
@@ -285,8 +381,12 @@ def test_a_burst_is_published_in_batches_and_every_event_goes_out(fresh_bus: Any
     published = counter("published", "channels")
     for n in range(1500):
         event_publish("usage", {"n": n})
+    usage_events_sink(
+        [UsageEvent(request_id=f"burst-{n}", endpoint="/v1/embeddings", status=200) for n in range(MAX_BATCH)]
+    )
+    event_publish("usage", {"n": "after"})
     assert bus.drain(WAIT_S)
-    assert counter("published", "channels") == published + 1500
+    assert counter("published", "channels") == published + 1500 + MAX_BATCH + 1
 
 
 def test_a_channel_layer_that_cannot_be_made_is_a_counted_failure(
