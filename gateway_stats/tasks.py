@@ -23,6 +23,7 @@ INGEST_RETRY_S = 5
     reject_on_worker_lost=True,
     ignore_result=True,
     max_retries=None,
+    serializer="orjson",
 )
 def usage_ingest(self: Task[Any, Any], rows: list[Row]) -> int:
     """Write a batch of usage rows to the ledger (idempotent); returns how many were new."""

@@ -104,7 +104,9 @@ class LedgerTransport:
 
             size: int = settings.USAGE_MESSAGE_ROWS
             for start in range(0, len(rows), size):
-                usage_ingest.apply_async((rows[start : start + size],), retry=False)
+                chunk = rows[start : start + size]
+                # argsrepr: Celery would otherwise build a (truncated) repr of every message's rows.
+                usage_ingest.apply_async((chunk,), retry=False, argsrepr=f"<{len(chunk)} usage rows>")
         else:
             ledger_write(rows)
             ingestion_lag_note(rows)

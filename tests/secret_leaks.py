@@ -92,6 +92,8 @@ class _LogScanner(logging.Handler):
             text = str(record.msg)
         if record.exc_info:
             text += logging.Formatter().formatException(record.exc_info)
+        if record.name == "apiforge.access":
+            text += " " + " ".join(str(value) for value in vars(record).values())  # its fields ride as attributes
         ledger.log_line(text.encode("utf-8", "replace"), record.name)
 
 
@@ -188,9 +190,10 @@ def no_secret_leaks() -> Iterator[None]:
     """Fails the test if, while it ran, a secret reached a log line or an answer it must not be in."""
     # Attached per test, not once: Django's LOGGING (dictConfig), which some tests apply again, replaces the
     # root logger's handlers.
-    root = logging.getLogger()
-    if _scanner not in root.handlers:
-        root.addHandler(_scanner)
+    # The access log does not propagate (its own handler writes whole batches): it is scanned too.
+    for logger in (logging.getLogger(), logging.getLogger("apiforge.access")):
+        if _scanner not in logger.handlers:
+            logger.addHandler(_scanner)
     start = len(ledger.hits)
     yield
     new = ledger.hits[start:]
