@@ -405,7 +405,8 @@ def stack_env(args: argparse.Namespace, database: Path) -> dict[str, str]:
         SECURE_SSL_REDIRECT="false",
         DATABASE_URL=f"sqlite:///{database}",
         CACHE_KEY_PREFIX=f"apiforge-bench-{os.getpid()}",
-        LOG_LEVEL="WARNING",
+        # INFO: the access log (one line per call, apiforge.access) is on, as in production by default.
+        LOG_LEVEL="INFO",
         PYTHONDONTWRITEBYTECODE="1",
     )
     if args.redis_url:
