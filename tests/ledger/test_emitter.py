@@ -36,14 +36,16 @@ def test_the_thread_flushes_on_its_interval_and_stop_flushes_the_rest():
     emitter = UsageEmitter(flush_interval=0.05)
     emitter.sinks = [got.extend]
 
-    emitter.emit(_event(1))  # the first event starts the thread
-    assert _wait(lambda: len(got) == 1)
-    assert got[0].event_id, "each event gets its ledger id on the emitter's thread"
+    try:
+        emitter.emit(_event(1))  # the first event starts the thread
+        assert _wait(lambda: len(got) == 1)
+        assert got[0].event_id, "each event gets its ledger id on the emitter's thread"
 
-    emitter.flush_interval = 60
-    time.sleep(0.1)  # the thread is now waiting out a long interval
-    emitter.emit(_event(2))
-    emitter.stop()
+        emitter.flush_interval = 60
+        time.sleep(0.1)  # the thread is now waiting out a long interval
+        emitter.emit(_event(2))
+    finally:
+        emitter.stop()
     assert [event.request_id for event in got] == ["e-1", "e-2"]
     assert emitter.queue_depth() == 0
 
@@ -65,9 +67,11 @@ def test_start_twice_keeps_one_thread():
     emitter = UsageEmitter(flush_interval=60)
     emitter.start()
     first = emitter._thread
-    emitter.start()
-    assert emitter._thread is first
-    emitter.stop()
+    try:
+        emitter.start()
+        assert emitter._thread is first
+    finally:
+        emitter.stop()
     assert not any(thread.name == "usage-emitter" and thread is first for thread in threading.enumerate())
 
 
@@ -83,12 +87,13 @@ def test_a_failing_sink_or_tick_is_logged_and_the_others_still_run(caplog):
         raise RuntimeError("tick down")
 
     emitter = UsageEmitter()
+    emitter.autostart = False  # no thread: it would keep logging this tick's failure into later tests
     emitter.sinks = [broken, got.extend]
     emitter.ticks = [broken_tick, lambda: ticks.append(1)]
     emitter.emit(_event())
-    emitter.autostart = False
 
     assert emitter.flush() == 1
+    assert emitter._thread is None
 
     assert len(got) == 1
     assert ticks == [1]
