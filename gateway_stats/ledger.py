@@ -16,11 +16,10 @@ from django.db import connection, transaction
 
 from gateway_stats.histogram import bucket_of
 from gateway_stats.models import UsageRecord
-from gateway_stats.usage import UsageEvent
+from gateway_stats.usage import UsageEvent, usage_cost
 
 Row = dict[str, Any]
 
-_THOUSAND = Decimal(1000)
 _INSERT_BATCH = 1000
 
 
@@ -96,7 +95,7 @@ def _values(row: Row, ingested_at: datetime) -> tuple[Any, ...]:
     input_price = Decimal(row.get("input_price_per_1k") or 0)
     output_price = Decimal(row.get("output_price_per_1k") or 0)
     latency = float(row.get("latency_ms") or 0)
-    cost = ((prompt * input_price + completion * output_price) / _THOUSAND).quantize(_COST_PLACES)
+    cost = usage_cost(prompt, completion, input_price, output_price).quantize(_COST_PLACES)
     return (
         row["event_id"],
         (row.get("request_id") or row["event_id"])[:128],

@@ -105,6 +105,18 @@ class UsageRollup(models.Model):
     are plain numbers: like the ledger, the rollups outlive the keys and users they name.
     """
 
+    # The additive numbers of a bucket (merging buckets adds them; the latency histogram merges apart).
+    COUNTERS = (
+        "requests",
+        "errors_4xx",
+        "errors_5xx",
+        "prompt_tokens",
+        "completion_tokens",
+        "cost",
+        "request_bytes",
+        "response_bytes",
+    )
+
     class Granularity(models.TextChoices):
         MINUTE = "minute"
         HOUR = "hour"

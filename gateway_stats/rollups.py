@@ -249,14 +249,8 @@ def _merged_from(source: str, target: str, start: datetime, end: datetime) -> li
             row = rows[key] = _blank(target, key[0], dims)
             histograms[key] = []
         row.key_prefix = max(row.key_prefix, part.key_prefix)
-        row.requests += part.requests
-        row.errors_4xx += part.errors_4xx
-        row.errors_5xx += part.errors_5xx
-        row.prompt_tokens += part.prompt_tokens
-        row.completion_tokens += part.completion_tokens
-        row.cost += part.cost
-        row.request_bytes += part.request_bytes
-        row.response_bytes += part.response_bytes
+        for name in UsageRollup.COUNTERS:
+            setattr(row, name, getattr(row, name) + getattr(part, name))
         histograms[key].append(part.latency)
     for key, row in rows.items():
         row.latency = {str(index): count for index, count in sorted(histogram_merge(histograms[key]).items())}

@@ -69,14 +69,8 @@ class UsageNumbers:
         return percentiles(self.latency, QUANTILES)
 
     def add(self, other: UsageNumbers) -> None:
-        self.requests += other.requests
-        self.errors_4xx += other.errors_4xx
-        self.errors_5xx += other.errors_5xx
-        self.prompt_tokens += other.prompt_tokens
-        self.completion_tokens += other.completion_tokens
-        self.cost += other.cost
-        self.request_bytes += other.request_bytes
-        self.response_bytes += other.response_bytes
+        for name in UsageRollup.COUNTERS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
         self.label = max(self.label, other.label)
         self.histogram_add(other.latency.items())
 

@@ -49,10 +49,8 @@ def spool_directory() -> Path:
 
 
 def _dropped(count: int) -> None:
-    try:
-        from gateway_stats.metrics import usage_dropped_count
-    except ImportError:  # pragma: no cover (the metrics module ships with this app)
-        return
+    from gateway_stats.metrics import usage_dropped_count
+
     usage_dropped_count(count)
 
 
@@ -61,10 +59,8 @@ def ingestion_lag_note(rows: Sequence[Row]) -> None:
     if not rows:
         return
     ended = max(float(row["started_at"]) + float(row.get("latency_ms") or 0) / 1000 for row in rows)
-    try:
-        from gateway_stats.metrics import ingestion_lag_observe
-    except ImportError:  # pragma: no cover
-        return
+    from gateway_stats.metrics import ingestion_lag_observe
+
     ingestion_lag_observe(max(0.0, time.time() - ended))
 
 

@@ -29,6 +29,13 @@ logger = logging.getLogger("gateway_stats.usage")
 _THOUSAND = Decimal(1000)
 
 
+def usage_cost(
+    prompt_tokens: int, completion_tokens: int, input_price_per_1k: Decimal, output_price_per_1k: Decimal
+) -> Decimal:
+    """What a call cost at the prices per 1000 tokens in force when it was made (the ledger's formula too)."""
+    return (prompt_tokens * input_price_per_1k + completion_tokens * output_price_per_1k) / _THOUSAND
+
+
 @dataclass(slots=True)
 class UsageEvent:
     """One proxied call. Prices ride along so the cost is computed off the request path."""
@@ -67,10 +74,7 @@ class UsageEvent:
 
     @property
     def cost(self) -> Decimal:
-        return (
-            Decimal(self.prompt_tokens) * self.input_price_per_1k
-            + Decimal(self.completion_tokens) * self.output_price_per_1k
-        ) / _THOUSAND
+        return usage_cost(self.prompt_tokens, self.completion_tokens, self.input_price_per_1k, self.output_price_per_1k)
 
 
 Sink = Callable[[list[UsageEvent]], None]
