@@ -330,6 +330,33 @@ PROXY_LEAN_ASGI = env.bool("PROXY_LEAN_ASGI", default=True)
 # How often a worker looks for invalidations made elsewhere (seconds).
 CACHE_SYNC_INTERVAL_S = env.float("CACHE_SYNC_INTERVAL_S", default=0.5)
 
+# --- Gateway routes, balancing, breakers, health (proxy/edge/gateway*.py, balance.py, breaker.py, health.py) --
+# Targets a route registered *by an API key* may point at (hosts, host:port or CIDRs); empty: keys may not
+# register routes at all (staff always may). Keeps a key from aiming the gateway at internal addresses.
+ROUTE_TARGET_ALLOWLIST = env.list("ROUTE_TARGET_ALLOWLIST", default=[])
+# How often `celery beat` deactivates routes whose lease ran out (they stop serving at expiry regardless).
+ROUTE_LEASE_SWEEP_S = env.float("ROUTE_LEASE_SWEEP_S", default=15.0)
+# A /gw/ request body up to this size (with a Content-Length) is buffered, so a failed attempt can be
+# retried on another target; a larger or chunked one is streamed through and never retried.
+GATEWAY_RETRY_BUFFER_BYTES = env.int("GATEWAY_RETRY_BUFFER_BYTES", default=64 * 1024)
+# Breaker state is shared through Redis (in-process without it); each worker refreshes its copy this often.
+BREAKER_SYNC_INTERVAL_S = env.float("BREAKER_SYNC_INTERVAL_S", default=0.5)
+# An open breaker's cooldown doubles on each trip in a row, up to this.
+BREAKER_COOLDOWN_MAX_S = env.float("BREAKER_COOLDOWN_MAX_S", default=300.0)
+# Besides consecutive failures: open when the error rate over the window exceeds this (0 = off), once the
+# window holds at least BREAKER_MIN_REQUESTS calls.
+BREAKER_ERROR_RATE = env.float("BREAKER_ERROR_RATE", default=0.5)
+BREAKER_WINDOW_S = env.float("BREAKER_WINDOW_S", default=10.0)
+BREAKER_MIN_REQUESTS = env.int("BREAKER_MIN_REQUESTS", default=20)
+# Active health checks of route targets with a health_check (one prober per target and interval across all
+# workers, through a shared lock); off: only passive checks (the breakers).
+HEALTH_CHECKS = env.bool("HEALTH_CHECKS", default=True)
+CELERY_BEAT_SCHEDULE["route-leases"] = {
+    "task": "proxy.route_leases_expire",
+    "schedule": ROUTE_LEASE_SWEEP_S,
+    "options": {"expires": ROUTE_LEASE_SWEEP_S},
+}
+
 # --- Server (apiforge/server.py, the uvicorn protocol of `make serve` and the image) ---------------
 # Request line and headers of one request, in bytes: past this it is answered 431 before more is read.
 MAX_REQUEST_HEADER_BYTES = env.int("MAX_REQUEST_HEADER_BYTES", default=16 * 1024)

@@ -7,16 +7,20 @@ class ProxyConfig(AppConfig):
 
     def ready(self) -> None:
         from apiforge.lifespan import AppHooks, lifespan_hooks_register
-        from proxy.upstream_client import upstream_session_close
-
-        # Closed at shutdown before gateway_stats' usage emitter stops (INSTALLED_APPS order).
-        lifespan_hooks_register(AppHooks("proxy", stop=upstream_session_close))
         from keys.scopes import scope_checker_register
         from proxy.catalog import catalog_rows_reader_register
-        from proxy.selectors import catalog_rows, model_names_unknown
+        from proxy.edge.runtime import proxy_start, proxy_stop
+        from proxy.gateway_catalog import gateway_rows_reader_register
+        from proxy.selectors import catalog_rows, gateway_rows, model_names_unknown, route_names_unknown
 
-        # The hot path's catalog reads the database (on a miss) only through this reader.
+        # Start: the breaker/health state sync and the health checker; stop: those, then the upstream pool,
+        # before gateway_stats' usage emitter stops (INSTALLED_APPS order).
+        lifespan_hooks_register(AppHooks("proxy", start=proxy_start, stop=proxy_stop))
+
+        # The hot path's catalogs read the database (on a miss) only through these readers.
         catalog_rows_reader_register(catalog_rows)
+        gateway_rows_reader_register(gateway_rows)
 
-        # The keys services check that the models a key names exist; the names are this app's data.
+        # The keys services check that the models and routes a key names exist; the names are this app's data.
         scope_checker_register("models", model_names_unknown)
+        scope_checker_register("routes", route_names_unknown)

@@ -14,7 +14,7 @@ from django.db.models import Count, Prefetch, QuerySet
 
 from apiforge.permissions import staff_has_model_perm
 from keys import selectors as keys_selectors
-from proxy.models import Deployment, Model, Upstream
+from proxy.models import Deployment, Model, Route, RouteTarget, Upstream
 
 
 def model_names_unknown(names: Iterable[str]) -> list[str]:
@@ -67,3 +67,18 @@ def model_list_sees_all(*, user: AbstractBaseUser | AnonymousUser | None) -> boo
 def model_list_for_admin() -> QuerySet[Model]:
     """Models with their deployment count, for the admin changelist."""
     return Model.objects.annotate(deployment_count=Count("deployments", distinct=True))
+
+
+def route_names_unknown(names: Iterable[str]) -> list[str]:
+    """The names in ``names`` that are not a route, in the given order (key scopes: ``allowed_routes``)."""
+    wanted = list(dict.fromkeys(names))
+    known = set(Route.objects.filter(name__in=wanted).values_list("name", flat=True))
+    return [name for name in wanted if name not in known]
+
+
+def gateway_rows() -> QuerySet[Route]:
+    """What the gateway's route catalog is built from (``proxy.gateway_catalog``): the active routes with
+    their targets prefetched. Two queries."""
+    return Route.objects.filter(is_active=True).prefetch_related(
+        Prefetch("targets", queryset=RouteTarget.objects.order_by("pk"))
+    )
