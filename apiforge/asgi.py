@@ -23,7 +23,7 @@ from apiforge.lifespan import lifespan  # noqa: E402
 from apiforge.routing import websocket_urlpatterns  # noqa: E402
 from proxy.asgi import ProxyDispatcher  # noqa: E402
 
-http_app = ProxyDispatcher(django_asgi_app) if settings.PROXY_LEAN_ASGI else django_asgi_app
+http_app = ProxyDispatcher(django_asgi_app, lean_openai=settings.PROXY_LEAN_ASGI)
 
 application = ProtocolTypeRouter(
     {

@@ -20,7 +20,6 @@ urlpatterns = [
     path("health/ready", health.health_ready, name="health-ready"),
     path("metrics", metrics.metrics, name="metrics"),
     path("v1/", include("proxy.openai_urls")),
-    path("gw/", include("proxy.openai_urls")),
 ]
 
 # Development (DEBUG) only: static files (admin, Swagger UI/ReDoc from the sidecar) for `make run`'s uvicorn.

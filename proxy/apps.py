@@ -9,9 +9,10 @@ class ProxyConfig(AppConfig):
         from apiforge.lifespan import AppHooks, lifespan_hooks_register
         from keys.scopes import scope_checker_register
         from proxy.catalog import catalog_rows_reader_register
+        from proxy.edge.jwt_auth import jwt_user_reader_register
         from proxy.edge.runtime import proxy_start, proxy_stop
         from proxy.gateway_catalog import gateway_rows_reader_register
-        from proxy.selectors import catalog_rows, gateway_rows, model_names_unknown, route_names_unknown
+        from proxy.selectors import catalog_rows, gateway_rows, jwt_user_row, model_names_unknown, route_names_unknown
 
         # Start: the breaker/health state sync and the health checker; stop: those, then the upstream pool,
         # before gateway_stats' usage emitter stops (INSTALLED_APPS order).
@@ -20,6 +21,7 @@ class ProxyConfig(AppConfig):
         # The hot path's catalogs read the database (on a miss) only through these readers.
         catalog_rows_reader_register(catalog_rows)
         gateway_rows_reader_register(gateway_rows)
+        jwt_user_reader_register(jwt_user_row)
 
         # The keys services check that the models and routes a key names exist; the names are this app's data.
         scope_checker_register("models", model_names_unknown)

@@ -1,4 +1,4 @@
-"""The lean ASGI path for ``/v1/`` and ``/gw/``: a thin adapter over ``proxy.edge``.
+"""The lean ASGI path for ``/v1/`` (a thin adapter over ``proxy.edge``) and the seam that sends ``/gw/`` to the gateway.
 
 ``ProxyDispatcher`` is the one seam: it sends proxy paths to ``proxy_app`` and
 everything else to Django. ``proxy_app`` reads the headers and the body through
@@ -16,7 +16,15 @@ from typing import Any
 
 from apiforge.request_id import request_id_from, request_id_var
 from proxy.edge.exchange import ProxyRequest, ProxyResponse
-from proxy.edge.ingress import PROXY_PREFIXES, answer_headers, body_read, ingress_refusal, request_headers
+from proxy.edge.gateway import gateway_app
+from proxy.edge.ingress import (
+    GATEWAY_PREFIX,
+    OPENAI_PREFIX,
+    answer_headers,
+    body_read,
+    ingress_refusal,
+    request_headers,
+)
 from proxy.edge.pipeline import proxy_handle
 from proxy.errors import internal_error
 
@@ -86,13 +94,20 @@ async def _send(response: ProxyResponse, request_id: bytes, receive: Receive, se
 
 
 class ProxyDispatcher:
-    """The seam: proxy paths take the lean app, the rest goes to Django."""
+    """The seam: ``/v1/`` takes the lean app (unless ``lean_openai`` is off: then Django's views serve it),
+    ``/gw/`` the gateway (always: it streams both ways, which Django's request cycle cannot), the rest Django."""
 
-    def __init__(self, django_app: Callable[..., Awaitable[None]]) -> None:
+    def __init__(self, django_app: Callable[..., Awaitable[None]], *, lean_openai: bool = True) -> None:
         self.django_app = django_app
+        self.lean_openai = lean_openai
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(PROXY_PREFIXES):
-            await proxy_app(scope, receive, send)
-        else:
-            await self.django_app(scope, receive, send)
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            if path.startswith(OPENAI_PREFIX) and self.lean_openai:
+                await proxy_app(scope, receive, send)
+                return
+            if path.startswith(GATEWAY_PREFIX):
+                await gateway_app(scope, receive, send)
+                return
+        await self.django_app(scope, receive, send)

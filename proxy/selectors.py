@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from django.contrib.auth import get_user_model
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import AnonymousUser
 from django.db.models import Count, Prefetch, QuerySet
@@ -82,3 +83,9 @@ def gateway_rows() -> QuerySet[Route]:
     return Route.objects.filter(is_active=True).prefetch_related(
         Prefetch("targets", queryset=RouteTarget.objects.order_by("pk"))
     )
+
+
+def jwt_user_row(user_id: int) -> tuple[str, bool] | None:
+    """A user's name and whether they are active (gateway routes with ``auth: jwt``); None: no such user."""
+    row = get_user_model().objects.filter(pk=user_id).values_list("username", "is_active").first()
+    return None if row is None else (str(row[0]), bool(row[1]))

@@ -8,7 +8,7 @@ from proxy.catalog import Catalog, ModelTarget
 from proxy.edge.exchange import ProxyRequest
 from proxy.errors import ProxyError, not_found
 
-_REFUSALS = {
+REFUSALS = {
     "unknown": (401, "invalid_api_key", "Incorrect API key provided."),
     "inactive": (403, "api_key_disabled", "This API key is disabled."),
     "revoked": (403, "api_key_revoked", "This API key has been revoked."),
@@ -28,7 +28,7 @@ async def authenticate(request: ProxyRequest, event: UsageEvent) -> KeyPolicy:
     try:
         policy = await key_verify_async(request.api_key, request.client_ip)
     except KeyRefused as refused:
-        status, code, message = _REFUSALS.get(refused.reason, _REFUSALS["unknown"])
+        status, code, message = REFUSALS.get(refused.reason, REFUSALS["unknown"])
         raise ProxyError(status, message, code=code) from None
     event.key_id = policy.key_id
     event.key_prefix = policy.prefix

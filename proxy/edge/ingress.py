@@ -2,7 +2,7 @@
 
 What is read of a request: the presented key (``Authorization: Bearer``, ``x-api-key``, ``api-key``),
 the incoming request id and the declared body length, from the raw header pairs; what is refused before
-the pipeline (a body over the limit, a ``/gw/`` path no route matches); and the headers of the answer,
+the pipeline (a body over the limit); and the headers of the answer,
 SSE ones included.
 """
 
@@ -15,15 +15,13 @@ from typing import Any
 from django.conf import settings
 
 from proxy.edge.exchange import ProxyResponse
-from proxy.errors import ProxyError, not_found
+from proxy.errors import ProxyError
 
-PROXY_PREFIXES = ("/v1/", "/gw/")
+OPENAI_PREFIX = "/v1/"
 GATEWAY_PREFIX = "/gw/"
 _KEY_HEADERS = (b"x-api-key", b"api-key")
 _SSE_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))
 _MAX_LENGTH_DIGITS = 19
-# No gateway routes exist yet: every /gw/ path is this 404 (made once; its body never changes).
-_ROUTE_NOT_FOUND = not_found("No gateway route matches this path.", code="route_not_found").body()
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
@@ -82,8 +80,6 @@ def ingress_refusal(path: str, body: bytes | None) -> ProxyResponse | None:
         limit = settings.PROXY_MAX_BODY_BYTES
         error = ProxyError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
         return ProxyResponse(413, error.body())
-    if path.startswith(GATEWAY_PREFIX):
-        return ProxyResponse(404, _ROUTE_NOT_FOUND)
     return None
 
 
