@@ -13,6 +13,9 @@ from rest_framework_simplejwt.tokens import RefreshToken
 
 from accounts.models import User
 from tests.factories import ApiKeyFactory, UserFactory
+from tests.live_server import live_gateway, live_server_factory
+
+__all__ = ["live_gateway", "live_server_factory"]
 
 ALLOWED_TARGET = "http://orders-1.svc.internal:8080"
 
