@@ -19,8 +19,10 @@ from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import orjson
 from asgiref.sync import sync_to_async
+from django.conf import settings
 
 from apiforge.local_cache import SyncedLocalCache
 from proxy.edge.balance import Balancer
@@ -203,6 +205,7 @@ class RouteEntry:
     strip_path: bool
     rewrite: PathRewrite | None
     timeout_s: float
+    client_timeout: aiohttp.ClientTimeout  # no gap in the answer longer than timeout_s; no total limit (streams)
     retries: int
     retry_non_idempotent: bool
     max_body_bytes: int | None
@@ -269,6 +272,9 @@ def _route_entry(route: Any) -> RouteEntry:
         strip_path=route.strip_path,
         rewrite=PathRewrite.from_config(route.path_rewrite),
         timeout_s=route.timeout_s,
+        client_timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.PROXY_CONNECT_TIMEOUT_S, sock_read=route.timeout_s
+        ),
         retries=route.retries,
         retry_non_idempotent=route.retry_non_idempotent,
         max_body_bytes=route.max_body_bytes,

@@ -374,9 +374,6 @@ async def _serve(
     if length is not None and length > 0:
         headers.append((b"content-length", str(length).encode()))
     query: bytes = scope.get("query_string", b"")
-    timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=settings.PROXY_CONNECT_TIMEOUT_S, sock_read=route.timeout_s
-    )
     attempts = 1 + (route.retries if retryable else 0)
     tried: set[str] = set()
     last_failure: ProxyError | None = None
@@ -393,7 +390,7 @@ async def _serve(
                 _target_url(target, match, query, b"%" in scope.get("raw_path", b"")),
                 data=body,
                 headers=[(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers],
-                timeout=timeout,
+                timeout=route.client_timeout,
                 allow_redirects=False,
                 auto_decompress=False,
                 skip_auto_headers=_SKIP_AUTO,
@@ -409,6 +406,9 @@ async def _serve(
                 return
             last_failure = _call_failure(exc, route.name)
             continue
+        except BaseException:  # cancelled (the server is stopping) or a bug: not the target's failure
+            route.balancer.finished(target, ok=True, elapsed_s=time.perf_counter() - call_started)
+            raise
         if response.status >= 500 and attempt + 1 < attempts:
             route.balancer.finished(target, ok=False, elapsed_s=time.perf_counter() - call_started)
             response.release()
