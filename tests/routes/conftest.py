@@ -20,6 +20,12 @@ __all__ = ["live_gateway", "live_server_factory"]
 ALLOWED_TARGET = "http://orders-1.svc.internal:8080"
 
 
+@pytest.fixture(autouse=True)
+def _fast_password_hasher(settings: Any) -> None:
+    # Factories hash a password per user; the default PBKDF2 cost would dominate these tests' run time.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture
 def staff(db: None) -> User:
     """A staff member holding every route permission (not a superuser)."""

@@ -64,14 +64,23 @@ def _register(client: APIClient, body: dict[str, Any], *, slash: bool = False) -
 
 
 @pytest.mark.parametrize("slash", [False, True], ids=["no-slash", "slash"])
-def test_staff_registers_lists_reads_changes_renews_and_unregisters_a_route(staff_client: APIClient, slash: bool) -> None:
+def test_staff_registers_lists_reads_changes_renews_and_unregisters_a_route(
+    staff_client: APIClient, slash: bool
+) -> None:
     end = "/" if slash else ""
     created = _register(staff_client, route_body(ttl_s=30, methods=["GET", "POST"]), slash=slash)
     assert created.status_code == 201, created.content
     route = created.json()
     assert set(route) == ANSWER_FIELDS
-    assert (route["name"], route["path"], route["methods"], route["is_active"]) == ("orders", "/orders", ["GET", "POST"], True)
-    assert route["targets"] == [{"id": route["targets"][0]["id"], "url": ALLOWED_TARGET, "weight": 1, "health": "healthy"}]
+    assert (route["name"], route["path"], route["methods"], route["is_active"]) == (
+        "orders",
+        "/orders",
+        ["GET", "POST"],
+        True,
+    )
+    assert route["targets"] == [
+        {"id": route["targets"][0]["id"], "url": ALLOWED_TARGET, "weight": 1, "health": "healthy"}
+    ]
     assert route["lease_expires_at"] is not None
     assert route["lease_expired"] is False
 

@@ -79,9 +79,7 @@ def test_targets_matching_the_allowlist_are_accepted(service_key: MakeKey, url: 
 def test_a_target_outside_the_allowlist_is_refused(service_key: MakeKey, url: str) -> None:
     client = key_client(service_key("orders").secret)
 
-    answer = client.post(
-        "/api/register", route_body(targets=[{"url": ALLOWED_TARGET}, {"url": url}]), format="json"
-    )
+    answer = client.post("/api/register", route_body(targets=[{"url": ALLOWED_TARGET}, {"url": url}]), format="json")
 
     assert answer.status_code == 403, answer.content
     assert answer.json()["code"] == "route_target_not_allowed"
@@ -193,7 +191,8 @@ def test_a_key_cannot_bring_back_a_route_an_operator_deactivated(service_key: Ma
     assert (beat.status_code, beat.json()["is_active"]) == (200, False)
     route.refresh_from_db()
     assert (route.is_active, route.deactivated_reason) == (False, "operator")
-    assert route.lease_expires_at is not None and route.lease_expires_at > timezone.now()
+    assert route.lease_expires_at is not None
+    assert route.lease_expires_at > timezone.now()
 
 
 @override_settings(ROUTE_TARGET_ALLOWLIST=ALLOWLIST)
