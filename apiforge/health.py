@@ -7,6 +7,14 @@ in use (in-process cache or channel layer, Celery tasks run in-process):
 nothing outside the process to check. Any ``error`` makes the answer 503.
 Each check is bounded by short timeouts, so a dead dependency costs about a
 second, not a hung probe.
+
+When some circuit breaker is not closed or some route target is unhealthy
+(as the answering worker sees them: the state is shared by every worker), the
+answer also has ``"breakers"``: one object per such key (``dep:<id>`` for a
+model deployment, ``rt:<id>`` for a route target) with its ``state``
+(closed | open | half_open), ``health`` (healthy | unhealthy | unknown), and
+while open ``retry_in_s``. Upstreams being down does not make the gateway
+unready: ``status`` stays about the gateway's own dependencies.
 """
 
 from __future__ import annotations
@@ -14,8 +22,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
+import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from django.conf import settings
 from django.core.cache import cache, caches
@@ -26,6 +37,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from apiforge.errors import json_error
+from proxy.edge.breaker import breaker_view, breakers_not_closed, health_unhealthy_keys, health_view
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +135,20 @@ def _run(name: str, check: Check) -> str:
         return "error"
 
 
+def breakers_detail() -> dict[str, dict[str, Any]]:
+    """The breakers that are not closed and the targets that are unhealthy, by key (this worker's view)."""
+    now = time.time()
+    keys = {view.key for view in breakers_not_closed()} | set(health_unhealthy_keys())
+    detail: dict[str, dict[str, Any]] = {}
+    for key in sorted(keys):
+        view = breaker_view(key)
+        item: dict[str, Any] = {"state": view.state, "health": health_view(key), "trips": view.trips}
+        if view.open_until:
+            item["retry_in_s"] = max(0, math.ceil(view.open_until - now))
+        detail[key] = item
+    return detail
+
+
 def _get_only(view: Callable[[HttpRequest], HttpResponse]) -> Callable[[HttpRequest], HttpResponse]:
     """Like ``require_GET``, but the 405 is the project's JSON error."""
 
@@ -150,4 +176,7 @@ def health_ready(request: HttpRequest) -> HttpResponse:
     """Readiness: every configured dependency answers."""
     checks = {name: _run(name, check) for name, check in _checks().items()}
     ok = all(value != "error" for value in checks.values())
-    return JsonResponse({"status": "ok" if ok else "error", "checks": checks}, status=200 if ok else 503)
+    answer: dict[str, Any] = {"status": "ok" if ok else "error", "checks": checks}
+    if breakers := breakers_detail():
+        answer["breakers"] = breakers
+    return JsonResponse(answer, status=200 if ok else 503)

@@ -10,8 +10,7 @@ inside their transactions; it only touches the cache, never business state.
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING
@@ -24,6 +23,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from apiforge.local_cache import SyncedLocalCache
+from proxy.edge.balance import Balancer
+from proxy.edge.breaker import BreakerPolicy
 
 if TYPE_CHECKING:
     from proxy.models import Deployment, Model, Upstream
@@ -58,32 +59,33 @@ class UpstreamTarget:
     stream_timeout: aiohttp.ClientTimeout
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class DeploymentTarget:
+    """One deployment as the balancer sees it: ``key`` (``dep:<id>``) names its breaker; ``breaker`` is its
+    upstream's breaker settings."""
+
+    id: int
+    key: str
     upstream: UpstreamTarget
     upstream_model: str
     weight: int
+    breaker: BreakerPolicy
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class ModelTarget:
     name: str
     deployments: tuple[DeploymentTarget, ...]
-    weights: tuple[int, ...]
     fallbacks: tuple[str, ...]
     input_price_per_1k: Decimal
     output_price_per_1k: Decimal
     created: int
+    balancer: Balancer[DeploymentTarget]
 
-    def pick(self, exclude: frozenset[int] = frozenset()) -> DeploymentTarget | None:
-        """A deployment by weighted random choice, avoiding the excluded upstream ids when possible."""
-        if len(self.deployments) <= 1:
-            return self.deployments[0] if self.deployments else None
-        pool = [d for d in self.deployments if d.upstream.id not in exclude] or list(self.deployments)
-        weights = [d.weight for d in pool]
-        if sum(weights) <= 0:
-            return pool[0]
-        return random.choices(pool, weights=weights)[0]  # noqa: S311 - load spreading, not security
+    def pick(self, exclude: Set[str] = frozenset()) -> DeploymentTarget | None:
+        """The next deployment (``Model.balancer``'s way), skipping the ``exclude``d keys and the deployments
+        whose breaker is open; None when none may be called. Counted in flight until ``balancer.finished``."""
+        return self.balancer.pick(exclude)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +136,18 @@ def catalog_load() -> Catalog:
         upstream = deployment.upstream
         target = targets.get(upstream.pk) or targets.setdefault(upstream.pk, _upstream_target(upstream))
         deployments.setdefault(deployment.model_id, []).append(
-            DeploymentTarget(upstream=target, upstream_model=deployment.upstream_model, weight=deployment.weight)
+            DeploymentTarget(
+                id=deployment.pk,
+                key=f"dep:{deployment.pk}",
+                upstream=target,
+                upstream_model=deployment.upstream_model,
+                weight=deployment.weight,
+                breaker=BreakerPolicy(
+                    failure_threshold=upstream.breaker_failure_threshold,
+                    cooldown_s=upstream.breaker_cooldown_s,
+                    half_open_requests=upstream.breaker_half_open_requests,
+                ),
+            )
         )
     models: dict[str, ModelTarget] = {}
     for model in model_rows:
@@ -142,11 +155,11 @@ def catalog_load() -> Catalog:
         models[model.name] = ModelTarget(
             name=model.name,
             deployments=routes,
-            weights=tuple(d.weight for d in routes),
             fallbacks=tuple(str(name) for name in (model.fallbacks or []) if name != model.name),
             input_price_per_1k=model.input_price_per_1k,
             output_price_per_1k=model.output_price_per_1k,
             created=int(model.created_at.timestamp()),
+            balancer=Balancer(routes, model.balancer),
         )
     return Catalog(models=models)
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 
 from apiforge.unavailable import DATABASE_ERRORS
 from gateway_stats.usage import UsageEvent
 from keys.verification import KeyPolicy
-from proxy.catalog import catalog_get_async
+from proxy.catalog import DeploymentTarget, ModelTarget, catalog_get_async
 from proxy.edge.account import account
 from proxy.edge.admit import admit
 from proxy.edge.authenticate import authenticate, model_target
@@ -20,7 +21,14 @@ from proxy.edge.endpoints import Endpoint, endpoint_for
 from proxy.edge.exchange import ProxyRequest, ProxyResponse
 from proxy.edge.listing import models_answer
 from proxy.edge.payload import payload_parse, stream_usage_request
-from proxy.edge.pick import candidates, deployment_note, deployment_pick
+from proxy.edge.pick import (
+    breaker_failed,
+    candidates,
+    deployment_finished,
+    deployment_note,
+    deployment_pick,
+    retry_after_s,
+)
 from proxy.edge.relay import relay
 from proxy.edge.send import upstream_send
 from proxy.errors import ProxyError, UpstreamError, internal_error, secret_blank, service_unavailable
@@ -64,7 +72,12 @@ async def proxy_handle(request: ProxyRequest) -> ProxyResponse:
 async def _forward(
     request: ProxyRequest, endpoint: Endpoint, policy: KeyPolicy, event: UsageEvent, started: float
 ) -> ProxyResponse:
-    """Validate, pick a deployment, send; on a retryable failure the next deployment, then the fallbacks."""
+    """Validate, pick a deployment, send; on a retryable failure the next deployment, then the fallbacks.
+
+    Every attempt's end goes to the balancer (a stream's when it ends: ``relay``), so a failing deployment's
+    breaker opens and later picks pass it by; when every deployment of the model and its fallbacks is refused
+    by its breaker, the answer is 503 ``no_healthy_upstream`` with ``Retry-After`` (the soonest half-open).
+    """
     payload = payload_parse(request.body, endpoint.required)
     catalog = await catalog_get_async()
     target = model_target(catalog, policy, payload["model"])
@@ -73,28 +86,57 @@ async def _forward(
     event.model = target.name
     event.stream = stream
     last_failure: UpstreamError | None = None
-    for candidate in candidates(catalog, target):
+    tried_models = candidates(catalog, target)
+    for candidate in tried_models:
         deployment = deployment_pick(candidate)
         if deployment is None:
             continue
-        tried: set[int] = set()
-        for _attempt in range(1 + deployment.upstream.max_retries):
+        tried: set[str] = set()
+        for attempt in range(1 + deployment.upstream.max_retries):
+            if attempt:
+                deployment = deployment_pick(candidate, tried)
+                if deployment is None:
+                    break  # the others' (and this one's) breakers refuse: the next model
+            tried.add(deployment.key)
             deployment_note(event, candidate, deployment)
+            call_started = time.perf_counter()
             try:
                 answer = await upstream_send(endpoint.name, payload, deployment, stream)
             except UpstreamError as failure:
                 # The one place every failed upstream call passes: retries decide here (never after a
-                # stream's first byte: those failures end the relay instead); breakers and metrics hook in here.
+                # stream's first byte: those failures end the relay instead), and the breaker learns of it.
+                deployment_finished(
+                    candidate, deployment, not breaker_failed(failure), time.perf_counter() - call_started
+                )
                 if not failure.retryable:
                     raise
                 last_failure = failure
-                tried.add(deployment.upstream.id)
-                deployment = deployment_pick(candidate, frozenset(tried)) or deployment
                 continue
-            return relay(answer, event, started, keep_usage_chunk)
+            except BaseException:
+                deployment_finished(candidate, deployment, None, time.perf_counter() - call_started)
+                raise
+            if answer.pieces is None:
+                deployment_finished(candidate, deployment, True, time.perf_counter() - call_started)
+                return relay(answer, event, started, keep_usage_chunk)
+            return relay(
+                answer, event, started, keep_usage_chunk, partial(_stream_ended, candidate, deployment, call_started)
+            )
     if last_failure is not None:
         raise last_failure
-    raise ProxyError(503, f"No healthy upstream for the model {target.name!r}.", code="no_healthy_upstream")
+    wait = retry_after_s(tried_models)
+    raise ProxyError(
+        503,
+        f"No healthy upstream for the model {target.name!r}.",
+        code="no_healthy_upstream",
+        headers=() if wait is None else ((b"retry-after", str(wait).encode()),),
+    )
+
+
+def _stream_ended(
+    target: ModelTarget, deployment: DeploymentTarget, call_started: float, ok: bool | None, first_byte_at: float
+) -> None:
+    # A stream's latency, for the balancer, is its time to first byte (its length is the client's choice).
+    deployment_finished(target, deployment, ok, first_byte_at - call_started)
 
 
 def _error_response(error: ProxyError, api_key: str | None = None) -> ProxyResponse:

@@ -2,6 +2,10 @@
 
 A stream's usage comes in its last events: only the last event naming ``"usage"`` in a read is parsed,
 and the usage-only chunk the proxy asked for is dropped again unless the client asked for it too.
+
+A stream's end is reported to ``ended(ok, first_byte_at)`` when given (the balancer's ``finished``): ``ok``
+False when the upstream broke off or went silent, None when the client left first (no verdict on the
+upstream), True otherwise; ``first_byte_at`` is the ``perf_counter`` of its first piece.
 """
 
 from __future__ import annotations
@@ -23,13 +27,22 @@ from proxy.errors import ProxyError, internal_error
 logger = logging.getLogger(__name__)
 
 
-def relay(answer: UpstreamAnswer, event: UsageEvent, started: float, keep_usage_chunk: bool) -> ProxyResponse:
+StreamEnded = Callable[[bool | None, float], None]
+
+
+def relay(
+    answer: UpstreamAnswer,
+    event: UsageEvent,
+    started: float,
+    keep_usage_chunk: bool,
+    ended: StreamEnded | None = None,
+) -> ProxyResponse:
     """The client's answer for the upstream's 200."""
     if answer.pieces is None:
         usage_note(event, answer.usage)
         return ProxyResponse(200, answer.body)
     abort = None if answer.close is None else partial(_abort, event, answer.close)
-    stream = relay_stream(answer.pieces, event, started, keep_usage_chunk)
+    stream = relay_stream(answer.pieces, event, started, keep_usage_chunk, ended)
     return ProxyResponse(200, content_type=SSE, stream=stream, abort=abort)
 
 
@@ -45,15 +58,22 @@ def _abort(event: UsageEvent, close: Callable[[], None]) -> None:
 
 
 async def relay_stream(
-    pieces: AsyncIterator[bytes], event: UsageEvent, started: float, keep_usage_chunk: bool
+    pieces: AsyncIterator[bytes],
+    event: UsageEvent,
+    started: float,
+    keep_usage_chunk: bool,
+    ended: StreamEnded | None = None,
 ) -> AsyncIterator[bytes]:
     """Pass complete SSE events on as they arrive, noting usage; always accounts for the request."""
     buffer = b""
     event.status = 200
+    ok: bool | None = True
+    first_byte_at = 0.0
     try:
         async for piece in pieces:
             if not event.ttfb_ms:
-                event.ttfb_ms = (time.perf_counter() - started) * 1000
+                first_byte_at = time.perf_counter()
+                event.ttfb_ms = (first_byte_at - started) * 1000
             if b"\r" in piece:
                 piece = piece.replace(b"\r\n", b"\n")
             buffer += piece
@@ -75,6 +95,7 @@ async def relay_stream(
             yield tail
     except ProxyError as error:
         # Not after the client left (its abort closed the upstream) nor once the whole answer went out.
+        ok = None if event.error_code == "client_disconnected" else event.complete
         if event.error_code != "client_disconnected" and not event.complete:
             event.status = error.status
             event.error_code = error.code
@@ -84,16 +105,20 @@ async def relay_stream(
     except Exception:
         # The answer has started (200 is sent): end it with an error event rather than a dropped connection.
         logger.exception("unexpected error while relaying a stream")
+        ok = None  # ours, not the upstream's
         failure = internal_error()
         event.status = failure.status
         event.error_code = failure.code
         yield failure.sse_event()
     except (asyncio.CancelledError, GeneratorExit):
         if not event.complete:
+            ok = None
             event.status = 499
             event.error_code = "client_disconnected"
         raise
     finally:
+        if ended is not None:
+            ended(ok, first_byte_at or time.perf_counter())
         account(event, started)
 
 
