@@ -276,4 +276,6 @@ class ModelAdmin(admin.ModelAdmin):
         audit = audit_context(request).service_kwargs()
         for model in queryset:
             model_delete(model=model, **audit)
+
+
 import proxy.route_admin  # noqa: E402, F401 - registers the route admin (routes with inline targets)
