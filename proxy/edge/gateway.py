@@ -377,8 +377,8 @@ async def _serve(
     attempts = 1 + (route.retries if retryable else 0)
     tried: set[str] = set()
     last_failure: ProxyError | None = None
+    target = route.balancer.pick(tried)
     for attempt in range(attempts):
-        target = route.balancer.pick(tried)
         if target is None:
             break
         tried.add(target.key)
@@ -405,15 +405,19 @@ async def _serve(
                 event.status, event.error_code = 499, "client_disconnected"
                 return
             last_failure = _call_failure(exc, route.name)
+            target = route.balancer.pick(tried) if attempt + 1 < attempts else None
             continue
         except BaseException:  # cancelled (the server is stopping) or a bug: not the target's failure
             route.balancer.finished(target, ok=True, elapsed_s=time.perf_counter() - call_started)
             raise
         if response.status >= 500 and attempt + 1 < attempts:
-            route.balancer.finished(target, ok=False, elapsed_s=time.perf_counter() - call_started)
-            response.release()
-            last_failure = None
-            continue
+            # Another target gets the call if there is one; else this answer is the client's.
+            following = route.balancer.pick(tried)
+            if following is not None:
+                route.balancer.finished(target, ok=False, elapsed_s=time.perf_counter() - call_started)
+                response.release()
+                last_failure, target = None, following
+                continue
         await _relay(response, route, target, request_id, receive, send, event, started, call_started, upload)
         return
     if last_failure is not None and route.fallback is None:

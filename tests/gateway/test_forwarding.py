@@ -318,3 +318,33 @@ def test_every_call_is_accounted_with_its_route_and_target(
     assert by_status[401].route == "acct"
     assert by_status[401].error_code == "missing_api_key"
     assert by_status[404].error_code == "route_not_found"
+
+
+def test_gateway_calls_reach_the_ledger_and_the_route_statistics(
+    live_gateway: LiveServer, echo: EchoTarget, route_make: RouteMaker, settings: Any
+) -> None:
+    from rest_framework.test import APIClient
+
+    from gateway_stats.models import UsageRecord
+
+    settings.USAGE_TRANSPORT = "database"  # the embedded default: the usage thread writes the ledger itself
+    route_make("stats-route", "/stats-route", [echo.root_url])
+    for _ in range(3):
+        assert _get(live_gateway, "/gw/stats-route/x").status_code == 200
+    echo.fail_next(1, status=500)
+    assert _get(live_gateway, "/gw/stats-route/x").status_code == 500
+    emitter.flush()
+    rows = UsageRecord.objects.filter(route="stats-route")
+    assert sorted(rows.values_list("status", flat=True)) == [200, 200, 200, 500]
+    assert {row.upstream for row in rows} == {f"127.0.0.1:{echo.port}"}
+    assert all(row.method == "GET" and row.response_bytes > 0 for row in rows)
+    staff = UserFactory(is_staff=True, is_superuser=True)
+    client = APIClient()
+    client.force_authenticate(staff)
+    now = timezone.now()
+    window = {"start": (now - dt.timedelta(hours=1)).isoformat(), "end": (now + dt.timedelta(hours=1)).isoformat()}
+    answer = client.get("/api/stats/usage", {"interval": "day", "group_by": "route", **window})
+    assert answer.status_code == 200, answer.content
+    series = {entry["group"]: entry["points"] for entry in answer.json()["series"]}
+    assert sum(point["requests"] for point in series["stats-route"]) == 4
+    assert sum(point["errors"] for point in series["stats-route"]) == 1
