@@ -407,8 +407,8 @@ async def _serve(
             last_failure = _call_failure(exc, route.name)
             target = route.balancer.pick(tried) if attempt + 1 < attempts else None
             continue
-        except BaseException:  # cancelled (the server is stopping) or a bug: not the target's failure
-            route.balancer.finished(target, ok=True, elapsed_s=time.perf_counter() - call_started)
+        except BaseException:  # cancelled (the server is stopping) or a bug: no verdict on the target
+            route.balancer.finished(target, ok=None, elapsed_s=time.perf_counter() - call_started)
             raise
         if response.status >= 500 and attempt + 1 < attempts:
             # Another target gets the call if there is one; else this answer is the client's.
@@ -449,7 +449,7 @@ async def _relay(
     """Pass the target's answer on: whole when small and sized, else streamed (the client leaving closes it)."""
     status = response.status
     event.status = status
-    ok = status < 500
+    ok: bool | None = status < 500
     event.ttfb_ms = (time.perf_counter() - started) * 1000
     headers = _answer_headers(response, route, request_id)
     length = response.content_length
@@ -466,21 +466,23 @@ async def _relay(
             return
         await send({"type": "http.response.start", "status": status, "headers": headers})
         watcher = asyncio.create_task(_watch_disconnect(receive, response)) if upload.done else None
+        broke_off = False
         try:
             async for chunk in response.content.iter_any():
                 event.response_bytes += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
         except (TimeoutError, aiohttp.ClientError):
-            ok = False
-            event.error_code = "upstream_broke_off"
-            if watcher is not None and watcher.done():
-                event.status, event.error_code, ok = 499, "client_disconnected", True
-            # The status is out: all the client can be told is that the body ends short.
-            await send({"type": "http.response.body", "body": b""})
+            broke_off = True
         finally:
             if watcher is not None:
                 watcher.cancel()
+        if watcher is not None and watcher.done() and not watcher.cancelled():
+            # The client went away (the watcher closed the target's answer): no verdict on the target.
+            event.status, event.error_code, ok = 499, "client_disconnected", None
+        elif broke_off:
+            # The status is out: all the client can be told is that the body ends short.
+            event.error_code, ok = "upstream_broke_off", False
+        await send({"type": "http.response.body", "body": b""})
     finally:
         response.release()
         route.balancer.finished(target, ok=ok, elapsed_s=time.perf_counter() - call_started)

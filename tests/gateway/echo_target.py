@@ -4,7 +4,8 @@ Every path answers JSON describing the request it received (method, path, raw qu
 size) unless a knob says otherwise:
 
 - ``status``: the status of the answer (default 200); ``fail_next(n, status)``: the next ``n`` answers;
-- ``GET /download/{n}``: ``n`` bytes streamed in 256 KiB chunks without a Content-Length (chunked);
+- ``GET /download/{n}``: ``n`` bytes streamed in 256 KiB chunks without a Content-Length (chunked); a
+  client that goes away mid-way counts in ``disconnects`` and sets ``disconnected``;
 - ``POST|PUT /upload``: the body read as it arrives, answered ``{"received": n, "sha256": ...}``;
 - ``GET /health``: 200 while ``healthy`` is true, else 503;
 - ``name``: included in every echo, to tell targets apart.
@@ -14,6 +15,7 @@ size) unless a knob says otherwise:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import Any
 
@@ -60,11 +62,16 @@ class EchoTarget(FakeUpstream):
             await response.prepare(request)
             chunk = b"x" * DOWNLOAD_CHUNK
             sent = 0
-            while sent < size:
-                piece = chunk[: min(DOWNLOAD_CHUNK, size - sent)]
-                await response.write(piece)
-                sent += len(piece)
-            await response.write_eof()
+            try:
+                while sent < size:
+                    piece = chunk[: min(DOWNLOAD_CHUNK, size - sent)]
+                    await response.write(piece)
+                    sent += len(piece)
+                await response.write_eof()
+            except (ConnectionError, asyncio.CancelledError):
+                self.disconnects += 1
+                self.disconnected.set()
+                raise
             return response
         if request.path == "/upload":
             digest = hashlib.sha256()

@@ -255,7 +255,9 @@ def test_a_drained_only_route_answers_503_with_retry_after(live_gateway: LiveSer
 def test_an_expired_lease_stops_serving_at_once(
     live_gateway: LiveServer, echo: EchoTarget, route_make: RouteMaker
 ) -> None:
-    route_make("leased", "/leased", [echo.root_url], ttl_s=30, lease_expires_at=timezone.now() - dt.timedelta(seconds=1))
+    route_make(
+        "leased", "/leased", [echo.root_url], ttl_s=30, lease_expires_at=timezone.now() - dt.timedelta(seconds=1)
+    )
     response = _get(live_gateway, "/gw/leased/x")
     assert response.status_code == 404
     assert echo.calls == 0

@@ -108,3 +108,31 @@ def test_a_chunked_upload_without_length_streams_too(
     response = httpx.post(live_gateway.url("/gw/files/upload"), content=body(), timeout=30)
     assert response.status_code == 200
     assert response.json()["received"] == 64 * 65536
+
+
+def test_a_client_leaving_mid_download_closes_the_target_connection_and_is_a_499(
+    live_gateway: LiveServer, echo: EchoTarget, route_make: RouteMaker
+) -> None:
+    from gateway_stats.usage import emitter
+    from tests.proxy.helpers import UsageCapture
+
+    route_make("files", "/files", [echo.root_url])
+    capture = UsageCapture()
+    emitter.sinks.append(capture)
+    try:
+        with httpx.Client(timeout=30) as client:
+            with client.stream("GET", live_gateway.url(f"/gw/files/download/{GIB}")) as response:
+                for _piece in response.iter_raw(CHUNK):
+                    break  # read one chunk, then leave
+        assert echo.disconnected.wait(10), "the target kept sending after the client left"
+        deadline = threading.Event()
+        records: list = []
+        for _ in range(100):
+            records = capture.flushed()
+            if records:
+                break
+            deadline.wait(0.05)
+    finally:
+        emitter.sinks.remove(capture)
+    assert [(r.status, r.error_code) for r in records] == [(499, "client_disconnected")]
+    assert 0 < records[0].response_bytes < GIB
