@@ -30,11 +30,12 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 from rest_framework_simplejwt.tokens import RefreshToken
 
+import keys.selectors
 from accounts.models import User
 from gateway_stats.models import UsageRecord
 from gateway_stats.services import audit_record
 from keys.models import ApiKey
-from proxy.models import Model, Upstream
+from proxy.models import Model, Route, RouteTarget, Upstream
 from tests.factories import DEFAULT_PASSWORD, ApiKeyFactory, UserFactory
 from tests.proxy.factories import DeploymentFactory, UpstreamFactory
 
@@ -145,7 +146,38 @@ MATRIX: dict[tuple[str, str], dict[str, int]] = {
     ("/api/audit/{pk}/", "OPTIONS"): _row(401, 403, 403, 403, 403, 200),
 }
 
-EXPECTED_CELLS = 79 * len(ROLES)
+# --- routes: everyone reads (the queryset decides what); writes need proxy.add_/change_/delete_route (or an API key
+# naming the route: tests/routes). Each path also answers with (or without) its trailing slash: the same rows.
+# Reading one route as an ordinary user needs keys.selectors.key_route_scopes_for_user (the keys app's); until
+# it exists, ordinary users see no route.
+_USERS_SEE_ROUTES = hasattr(keys.selectors, "key_route_scopes_for_user")
+_ROUTE_READ = _ANY_USER if _USERS_SEE_ROUTES else _row(401, 404, 404, 404, 200, 200)
+_ROUTE_ROWS: dict[tuple[str, str], dict[str, int]] = {
+    ("/api/routes", "GET"): _ANY_USER,  # internals (targets, headers) shown only to _SEES_DEPLOYMENTS
+    ("/api/routes", "HEAD"): _ANY_USER,
+    ("/api/routes", "OPTIONS"): _ANY_USER,
+    ("/api/register", "POST"): _row(401, 403, 403, 403, 201, 201),
+    ("/api/register", "OPTIONS"): _ANY_USER,
+    ("/api/unregister", "DELETE"): _row(401, 403, 403, 403, 204, 204),
+    ("/api/unregister", "OPTIONS"): _ANY_USER,
+    ("/api/routes/{pk}/", "GET"): _ROUTE_READ,
+    ("/api/routes/{pk}/", "HEAD"): _ROUTE_READ,
+    ("/api/routes/{pk}/", "OPTIONS"): _ANY_USER,
+    ("/api/routes/{pk}/", "PATCH"): _STAFF_ONLY_READ,
+    ("/api/routes/{pk}/", "DELETE"): _row(401, 403, 403, 403, 204, 204),
+    ("/api/routes/{pk}/heartbeat", "POST"): _STAFF_ONLY_READ,
+    ("/api/routes/{pk}/heartbeat", "OPTIONS"): _ANY_USER,
+}
+
+
+def _slash_twin(path: str) -> str:
+    return path.removesuffix("/") if path.endswith("/") else path + "/"
+
+
+MATRIX.update(_ROUTE_ROWS)
+MATRIX.update({(_slash_twin(path), method): row for (path, method), row in _ROUTE_ROWS.items()})
+
+EXPECTED_CELLS = (79 + 2 * len(_ROUTE_ROWS)) * len(ROLES)
 
 # Whose keys each role finds in GET /api/keys/: its own, or everyone's.
 _KEYS_SEEN = {"user": "own", "other_user": "own", "staff": "own", "staff_with_perms": "all", "superuser": "all"}
@@ -219,6 +251,7 @@ class World:
     upstream: Upstream  # used by no deployment, so it can be deleted
     serving_upstream: Upstream
     model: Model
+    route: Route  # leased (ttl_s), so a heartbeat succeeds
     usage_request_id: str  # a call made with user's key
     audit_event_id: int
 
@@ -237,7 +270,7 @@ def world(settings: Any) -> World:
     users["staff_with_perms"].user_permissions.set(
         Permission.objects.filter(
             content_type__app_label__in=["keys", "proxy"],
-            codename__regex=r"^(view|add|change|delete)_(apikey|upstream|model|deployment)$",
+            codename__regex=r"^(view|add|change|delete)_(apikey|upstream|model|deployment|route|routetarget)$",
         )
     )
     keys = {role: ApiKeyFactory(owner=user, name=f"{role}'s key") for role, user in users.items()}
@@ -253,12 +286,15 @@ def world(settings: Any) -> World:
         status=200,
     )
     event = audit_record(actor=users["superuser"], action="key.create", object_type="keys.apikey", object_id=1)
+    route = Route.objects.create(name="matrix-route", path="/matrix", ttl_s=30, lease_expires_at=timezone.now())
+    RouteTarget.objects.create(route=route, url="http://matrix-target.internal:8080")
     return World(
         users=users,
         key=keys["user"],
         upstream=UpstreamFactory(name="idle-up"),
         serving_upstream=serving,
         model=deployment.model,
+        route=route,
         usage_request_id=call.request_id,
         audit_event_id=event.pk,
     )
@@ -271,6 +307,8 @@ def _target(path: str, world: World) -> str:
         pk = world.upstream.pk
     elif path.startswith("/api/models/{pk}"):
         pk = world.model.pk
+    elif path.startswith("/api/routes/{pk}"):
+        pk = world.route.pk
     elif path.startswith("/api/audit/{pk}"):
         pk = world.audit_event_id
     elif path.startswith("/api/usage/{request_id}"):
@@ -302,7 +340,18 @@ def _body(path: str, method: str, world: World, refresh: str | None) -> dict[str
             "deployments": [{"upstream": world.serving_upstream.name, "upstream_model": "x"}],
         },
         ("/api/models/{pk}/", "PATCH"): lambda: {"output_price_per_1k": "0.02"},
+        ("/api/register", "POST"): lambda: {
+            "name": "matrix-new",
+            "path": "/matrix-new",
+            "targets": [{"url": "http://matrix-new.internal:8080"}],
+        },
+        ("/api/routes/{pk}/", "PATCH"): lambda: {"timeout_s": 5},
+        ("/api/routes/{pk}/heartbeat", "POST"): dict,
+        ("/api/unregister", "DELETE"): lambda: {"name": world.route.name},
     }
+    for (known, verb), maker in list(bodies.items()):
+        if known.startswith(("/api/routes", "/api/register", "/api/unregister")):
+            bodies[(_slash_twin(known), verb)] = maker
     unsuffixed = path.replace(".{format}", "/").replace("//", "/")
     make = bodies.get((unsuffixed, method))
     if make is None:
@@ -322,6 +371,14 @@ def _check_what_is_shown(path: str, method: str, role: str, world: World, answer
             return f"sees keys of owners {sorted(owners)}, expected {sorted(expected)}"
     if path == "/api/usage/" and answer.json()["count"] != _USAGE_SEEN[role]:
         return f"sees {answer.json()['count']} request-log rows, expected {_USAGE_SEEN[role]}"
+    if path.startswith("/api/routes"):
+        body = answer.json()
+        rows = body["results"] if "results" in body else [body]
+        if _USERS_SEE_ROUTES and not rows:
+            return "sees no route"
+        shown = {"targets" in row for row in rows}
+        if rows and shown != {role in _SEES_DEPLOYMENTS}:
+            return f"route internals shown: {shown} (rows: {len(rows)})"
     if path.startswith("/api/models"):
         body = answer.json()
         rows = body["results"] if "results" in body else [body]

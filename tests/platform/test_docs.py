@@ -222,7 +222,14 @@ def test_validation_error_fields_are_documented_as_flat_paths_to_messages(schema
 def test_request_bodies_that_refuse_unknown_fields_say_so(schema: dict[str, Any]) -> None:
     components = schema["components"]["schemas"]
 
-    for strict in ["ApiKeyRequest", "PatchedApiKeyRequest", "KeyRotateRequest"]:
+    for strict in [
+        "ApiKeyRequest",
+        "PatchedApiKeyRequest",
+        "KeyRotateRequest",
+        "RouteDefinitionRequest",
+        "PatchedRouteDefinitionRequest",
+        "RouteTargetWriteRequest",
+    ]:
         assert components[strict]["additionalProperties"] is False, strict
     # These ignore unknown fields, so the schema must not claim otherwise.
     for lenient in ["LoginRequest", "UpstreamRequest", "ModelRequest"]:

@@ -81,6 +81,19 @@ def _seed(*, staff: bool) -> dict[str, str]:
 
 # Rules a JSON Schema cannot state, documented in the operations' descriptions: schema-valid input they
 # refuse is a 400 naming only these fields (by their top-level name), not a failure of positive_data_acceptance.
+_ROUTE_RULES = frozenset(
+    {
+        "path",
+        "version",
+        "hosts",
+        "targets",
+        "request_headers",
+        "response_headers",
+        "path_rewrite",
+        "fallback",
+        "health_check",
+    }
+)
 SEMANTIC_RULES: dict[tuple[str, str], frozenset[str]] = {
     # Django's password validators (length, similarity to the username, common, numeric); taken names.
     ("POST", "/auth/register"): frozenset({"password", "username", "email"}),
@@ -97,6 +110,16 @@ SEMANTIC_RULES: dict[tuple[str, str], frozenset[str]] = {
     # Deployments name existing upstreams, fallbacks existing models; names are unique.
     ("POST", "/api/models/"): frozenset({"deployments", "fallbacks", "name"}),
     ("PATCH", "/api/models/{id}/"): frozenset({"deployments", "fallbacks", "name"}),
+    # Routes: paths and versions have a grammar, platform prefixes and another route's path + version + host are
+    # taken, target URLs must be http(s) without user info, query or fragment (and not repeat), weights may not
+    # all be 0, host names are host names, and the JSON options have rules of their own (see the operations'
+    # descriptions and proxy/route_services.py). Names are unique (a PATCH renaming onto another route).
+    ("POST", "/api/register"): _ROUTE_RULES,
+    ("PATCH", "/api/routes/{id}/"): _ROUTE_RULES | {"name"},
+    # The name comes in the body or as ?name= (one of them is needed).
+    ("DELETE", "/api/unregister"): frozenset({"name"}),
+    # A route without ttl_s has no lease to renew.
+    ("POST", "/api/routes/{id}/heartbeat"): frozenset({"ttl_s"}),
     # A time range's end comes after its start; both between 1970 and 3000; ids fit in 64 bits.
     ("GET", "/api/usage/"): frozenset({"start", "end", "key", "user"}),
     ("GET", "/api/audit/"): frozenset({"start", "end", "actor"}),
