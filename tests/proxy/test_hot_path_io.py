@@ -42,14 +42,16 @@ from django.db.backends.utils import CursorWrapper
 from gateway_stats.models import UsageRecord
 from gateway_stats.usage import emitter
 from tests.proxy.fake_upstream import FakeUpstream
+from proxy.route_services import TargetSpec, route_register
 from tests.proxy.helpers import key_make, model_make, upstream_make
 
 N_REQUESTS = 200
 WARM_UP_REQUESTS = 5
 MESSAGES = [{"role": "user", "content": "count my queries"}]
-# Namespaces of the in-process caches a proxied request reads: verified keys and the model catalog (the
-# unknown-keys cache is consulted only on a miss of the first, which a valid key never has in steady state).
-_SYNCED_NAMESPACES = ("keys", "proxy-catalog")
+# Namespaces of the in-process caches a proxied request reads: verified keys and the model catalog, or the
+# route catalog for /gw/ (the unknown-keys cache is consulted only on a miss of the first, which a valid key
+# never has in steady state).
+_SYNCED_NAMESPACES = ("keys", "proxy-catalog")  # /gw/: "keys", "proxy-gateway" (as many)
 # Redis commands a feature needs per proxied request, by name: none yet.
 _ALLOWED_PER_REQUEST: dict[str, int] = {}
 MONITOR_TIMEOUT_S = 20.0
@@ -59,6 +61,8 @@ MONITOR_TIMEOUT_S = 20.0
 def gateway(live_gateway, fake_upstream):
     upstream = upstream_make(base_url=fake_upstream.base_url, timeout_s=10, max_retries=0)
     model_make("gpt-io", upstream, upstream_model="fake-io")
+    # The same upstream as a generic gateway route: /gw/io/chat/completions -> the fake's /v1/chat/completions.
+    route_register(data={"name": "io", "path": "/io", "auth": "key"}, targets=[TargetSpec(url=fake_upstream.base_url)])
     key = key_make()
     client = httpx.Client(
         base_url=live_gateway.url("/v1"), headers={"Authorization": f"Bearer {key.secret}"}, timeout=10
@@ -69,7 +73,14 @@ def gateway(live_gateway, fake_upstream):
         client.close()
 
 
-def _call(client: httpx.Client, *, stream: bool) -> None:
+def _call(client: httpx.Client, *, stream: bool | str) -> None:
+    """One call: ``stream`` False (JSON), True (SSE), or "gw" (the JSON call through the /gw/io route)."""
+    if stream == "gw":
+        gateway_url = str(client.base_url).rstrip("/").removesuffix("/v1") + "/gw/io/chat/completions"
+        answer = client.post(gateway_url, json={"model": "gpt-io", "messages": MESSAGES})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] == FakeUpstream.expected_content(MESSAGES)
+        return
     body = {"model": "gpt-io", "messages": MESSAGES, "stream": stream}
     if not stream:
         answer = client.post("/chat/completions", json=body)
@@ -82,12 +93,12 @@ def _call(client: httpx.Client, *, stream: bool) -> None:
     assert raw.endswith(b"data: [DONE]\n\n")
 
 
-def _steady_state(client: httpx.Client, *, stream: bool) -> None:
+def _steady_state(client: httpx.Client, *, stream: bool | str) -> None:
     """Warm every cache on the path (key, catalog, upstream connection pool), then hand off the warm-up's usage
     (the key's ``last_used_at`` is written then, once a minute at most)."""
     for _ in range(WARM_UP_REQUESTS):
         _call(client, stream=stream)
-        _call(client, stream=not stream)
+        _call(client, stream=stream is False)
     emitter.flush()
 
 
@@ -127,7 +138,7 @@ def queries_in_every_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[QueryLo
         monkeypatch.setattr(CursorWrapper, "_execute_with_wrappers", real)
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("stream", [False, True, "gw"], ids=["json", "stream", "gw"])
 def test_steady_state_proxied_requests_run_no_database_query_in_any_thread(gateway, monkeypatch, settings, stream):
     settings.USAGE_TRANSPORT = "database"  # the embedded default: the usage thread writes the ledger itself
     _steady_state(gateway, stream=stream)
@@ -227,7 +238,7 @@ class RedisMonitor:
 
 @pytest.mark.redis
 @pytest.mark.skipif(not settings.REDIS_URL, reason="REDIS_URL is unset: the embedded cache makes no round trips")
-@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("stream", [False, True, "gw"], ids=["json", "stream", "gw"])
 def test_steady_state_proxied_requests_send_redis_only_the_cache_generation_checks(gateway, stream):
     _steady_state(gateway, stream=stream)
 
