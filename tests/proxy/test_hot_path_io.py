@@ -41,8 +41,8 @@ from django.db.backends.utils import CursorWrapper
 
 from gateway_stats.models import UsageRecord
 from gateway_stats.usage import emitter
-from tests.proxy.fake_upstream import FakeUpstream
 from proxy.route_services import TargetSpec, route_register
+from tests.proxy.fake_upstream import FakeUpstream
 from tests.proxy.helpers import key_make, model_make, upstream_make
 
 N_REQUESTS = 200
