@@ -179,19 +179,24 @@ class HealthChecker:
             counts.failures = 0
             healthy = current == breaker.UNKNOWN or counts.successes >= max(target.check.healthy, 1)
             if healthy and current != breaker.HEALTHY:
-                health_changed(target.key, True)
+                health_changed(target.key, True, before=_verdict(current))
         else:
             counts.failures += 1
             counts.successes = 0
             if current != breaker.UNHEALTHY and counts.failures >= max(target.check.unhealthy, 1):
-                health_changed(target.key, False)
+                health_changed(target.key, False, before=_verdict(current))
 
 
-def health_changed(key: str, healthy: bool, version: int = 0) -> None:
-    """Note a verdict reached by this process's probe; a target going down, or coming back, is logged."""
-    before = breaker.health_view(key)
-    if breaker.health_note(key, healthy, version) and (not healthy or before == breaker.UNHEALTHY):
+def health_changed(key: str, healthy: bool, version: int = 0, before: bool | None = None) -> None:
+    """Note a verdict reached by a probe of this process (``before``: the verdict it replaces); a target going
+    down, or coming back, is logged once, by the prober that saw it."""
+    breaker.health_note(key, healthy, version)
+    if healthy != before and (not healthy or before is False):
         logger.warning("health check: target %s is now %s", key, "healthy" if healthy else "unhealthy")
+
+
+def _verdict(view: str) -> bool | None:
+    return None if view == breaker.UNKNOWN else view == breaker.HEALTHY
 
 
 _checker: list[HealthChecker] = []

@@ -84,7 +84,8 @@ return out
 """
 
 # One active check's result. ARGV: channel, now (ms), key, ok (1/0), healthy threshold, unhealthy threshold.
-# Records: "health,successes,failures,version" (health 0 unknown, 1 healthy, 2 unhealthy). Returns the record.
+# Records: "health,successes,failures,version" (health 0 unknown, 1 healthy, 2 unhealthy). Returns the record
+# and the health before this result.
 _HEALTH_LUA = """
 local raw = redis.call('HGET', KEYS[1], ARGV[3])
 local h, okc, koc, v = 0, 0, 0, 0
@@ -104,7 +105,7 @@ v = math.max(v + 1, tonumber(ARGV[2]))
 raw = string.format('%d,%d,%d,%d', h, okc, koc, v)
 redis.call('HSET', KEYS[1], ARGV[3], raw)
 if h ~= h0 then redis.call('PUBLISH', ARGV[1], 'H\\t' .. ARGV[3] .. '\\t' .. raw) end
-return raw
+return {raw, h0}
 """
 
 
@@ -277,18 +278,20 @@ class _SharedSync:
         lock = f"{settings.CACHE_KEY_PREFIX}:health-lock:{key}"
         return bool(await self.client.set(lock, "1", nx=True, px=max(int(ttl_s * 1000), 1)))
 
-    async def health_report(self, key: str, ok: bool, healthy: int, unhealthy: int) -> tuple[bool, int] | None:
-        """Count one probe's result in the shared record: ``(healthy, version)`` after it (the others hear of a
-        change through the channel), None while undecided."""
+    async def health_report(
+        self, key: str, ok: bool, healthy: int, unhealthy: int
+    ) -> tuple[bool, int, bool | None] | None:
+        """Count one probe's result in the shared record: ``(healthy, version, healthy before)`` after it (the
+        others hear of a change through the channel), None while undecided."""
         _, hash_health, channel = _names()
-        packed = await self.report(
+        packed, before = await self.report(
             keys=[hash_health],
             args=[channel, int(time.time() * 1000), key, "1" if ok else "0", max(healthy, 1), max(unhealthy, 1)],
         )
         verdict = health_record_parse(str(packed))
         if verdict is None or verdict[0] is None:
             return None
-        return verdict[0], verdict[1]
+        return verdict[0], verdict[1], None if int(before) == 0 else int(before) == 1
 
 
 _sync: list[_SharedSync] = []
