@@ -74,6 +74,14 @@ class Balancer(Generic[M]):
     def pick(self, exclude: Set[str] = frozenset()) -> M | None:
         """The member to call next, counted as in flight; None when none may be called."""
         members = self.members
+        if len(members) == 1:  # most models: no choice to make, only whether it may be called
+            member = members[0]
+            if member.weight <= 0 or member.key in exclude or getattr(member, "drained", False):
+                return None
+            if not breaker_allow(member.key, member.breaker):
+                return None
+            self._in_flight[0] += 1
+            return member
         healthy: list[int] = []
         unhealthy: list[int] = []
         for i, member in enumerate(members):

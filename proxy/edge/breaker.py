@@ -241,10 +241,12 @@ def breaker_available(key: str, policy: BreakerPolicy) -> bool:
 
 def breaker_allow(key: str, policy: BreakerPolicy) -> bool:
     """Whether ``key`` may be called now; in half-open, claims one of its probes (no I/O)."""
+    breaker = _breakers.get(key)
+    if breaker is None or breaker.state == CLOSED:
+        return True
     if not breaker_available(key, policy):
         return False
-    breaker = _breakers.get(key)
-    if breaker is not None and breaker.state == HALF_OPEN and policy.failure_threshold > 0:
+    if breaker.state == HALF_OPEN and policy.failure_threshold > 0:
         if breaker.probes >= max(policy.half_open_requests, 1):
             breaker.probes = 0  # the claims went stale (PROBE_CLAIM_TTL_S)
         breaker.probes += 1
