@@ -109,6 +109,8 @@ def test_a_key_with_an_empty_allowed_routes_may_call_every_route_but_register_no
     assert answer.status_code == 403
     assert "does not name the route" in answer.json()["detail"]
     assert not Route.objects.exists()
+    RouteFactory(name="orders")
+    assert client.get("/api/routes").json()["count"] == 0  # naming is what makes a route a key's own
 
 
 @override_settings(ROUTE_TARGET_ALLOWLIST=ALLOWLIST)
