@@ -97,11 +97,21 @@ def key_model_scopes_for_user(*, user_id: int) -> tuple[bool, set[str]]:
     ``(False, names)``, the union of their ``allowed_models``. Disabled, revoked and expired keys
     count for nothing, so a user without a usable key gets ``(False, set())``.
     """
+    return _scopes_for_user(user_id, "allowed_models")
+
+
+def key_route_scopes_for_user(*, user_id: int) -> tuple[bool, set[str]]:
+    """Which gateway routes the user's usable keys may call: like ``key_model_scopes_for_user``, over
+    ``allowed_routes``."""
+    return _scopes_for_user(user_id, "allowed_routes")
+
+
+def _scopes_for_user(user_id: int, field: str) -> tuple[bool, set[str]]:
     scopes = ApiKey.objects.filter(owner_id=user_id, is_active=True, revoked_at__isnull=True).filter(
         Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now())
     )
     names: set[str] = set()
-    for allowed in scopes.values_list("allowed_models", flat=True):
+    for allowed in scopes.values_list(field, flat=True):
         if not allowed:
             return True, set()
         names.update(str(name) for name in allowed)

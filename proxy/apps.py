@@ -12,7 +12,7 @@ class ProxyConfig(AppConfig):
         from proxy.edge.jwt_auth import jwt_user_reader_register
         from proxy.edge.runtime import proxy_start, proxy_stop
         from proxy.gateway_catalog import gateway_rows_reader_register
-        from proxy.selectors import catalog_rows, gateway_rows, jwt_user_row, model_names_unknown, route_names_unknown
+        from proxy.selectors import catalog_rows, gateway_rows, jwt_user_row, model_names_unknown
 
         # Start: the breaker/health state sync and the health checker; stop: those, then the upstream pool,
         # before gateway_stats' usage emitter stops (INSTALLED_APPS order).
@@ -23,6 +23,6 @@ class ProxyConfig(AppConfig):
         gateway_rows_reader_register(gateway_rows)
         jwt_user_reader_register(jwt_user_row)
 
-        # The keys services check that the models and routes a key names exist; the names are this app's data.
+        # The keys services check that the models a key names exist; the names are this app's data. Route names
+        # are not checked: a key names the route it will register itself (routes come and go with their services).
         scope_checker_register("models", model_names_unknown)
-        scope_checker_register("routes", route_names_unknown)

@@ -4,7 +4,9 @@ Like the model catalog (``proxy.catalog``), it is loaded in one go (two queries)
 and dropped on every worker within ``CACHE_SYNC_INTERVAL_S`` after any write of a route (the route services
 call ``gateway_invalidate_on_commit()`` in their transactions). The hot path never queries the database per
 request; a lease's end is compared per request, so a route whose lease ran out stops serving at once even
-before the sweep task deactivates it.
+before the sweep task deactivates it. A heartbeat only renews the lease in the database (no invalidation:
+services may beat every few seconds); a worker whose loaded lease ran out reloads once to see whether it was
+renewed (``gateway_reload_lapsed``), so a renewed route never stops serving and an unrenewed one stops on time.
 
 ``route_match`` is the matcher stage: the longest path prefix wins, then the method, then the host; a
 version comes from ``/gw/{version}{path}`` or the ``X-API-Version`` header.
@@ -13,6 +15,7 @@ version comes from ``/gw/{version}{path}`` or the ``X-API-Version`` header.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from email.utils import format_datetime
@@ -321,6 +324,25 @@ async def gateway_get_async() -> Gateway:
     return gateway
 
 
+_reloaded_at = 0.0
+# A worker reloads the catalog for a lapsed lease at most this often (heartbeats do not invalidate the catalog).
+LAPSED_RELOAD_INTERVAL_S = 1.0
+
+
+async def gateway_reload_lapsed() -> Gateway | None:
+    """The catalog reloaded from the database in this worker only, when a lease it holds ran out: a heartbeat
+    renews a lease without invalidating every worker's catalog, so each worker looks again once, when the lease
+    it knows of ends. None when it looked less than ``LAPSED_RELOAD_INTERVAL_S`` ago."""
+    global _reloaded_at
+    now = time.monotonic()
+    if now - _reloaded_at < LAPSED_RELOAD_INTERVAL_S:
+        return None
+    _reloaded_at = now
+    gateway = await sync_to_async(gateway_load)()
+    _cache.set(_GATEWAY, gateway)
+    return gateway
+
+
 def gateway_invalidate() -> None:
     """Drop the route catalog here and, within the sync interval, on every worker."""
     _cache.invalidate()
@@ -353,10 +375,19 @@ def _prefix_rest(path: str, prefix: str) -> str | None:
     return rest
 
 
+class _LeaseLapsed:
+    """``route_match``'s answer when only a route whose lease (as this worker knows it) ran out matched."""
+
+
+LEASE_LAPSED = _LeaseLapsed()
+
+
 def route_match(
     gateway: Gateway, path: str, method: str, host: str | None, version_header: str | None, now: float
-) -> RouteMatch | tuple[str, ...] | None:
-    """The route serving ``path`` (the part after ``/gw``), or the allowed methods (a 405), or None (a 404).
+) -> RouteMatch | tuple[str, ...] | _LeaseLapsed | None:
+    """The route serving ``path`` (the part after ``/gw``), or the allowed methods (a 405), or None (a 404);
+    ``LEASE_LAPSED`` when a route matched but its lease, as loaded, ran out (a 404, unless a heartbeat renewed
+    it since: ``gateway_reload_lapsed`` reloads to find out).
 
     A route with a version matches ``/{version}{path}``, or ``{path}`` with ``X-API-Version: {version}``;
     one without a version matches ``{path}`` whatever the header says. Longest prefix first; among routes
@@ -367,11 +398,10 @@ def route_match(
         host_name = host_name.rsplit(":", 1)[0]
     best_length = -1
     allowed: set[str] = set()
+    lapsed = False
     for route in gateway.routes:
         if len(route.path) < best_length:
             break  # routes are sorted by prefix length: nothing shorter can beat what matched
-        if route.lease_expires_at is not None and route.lease_expires_at < now:
-            continue
         if route.hosts and host_name not in route.hosts:
             continue
         rest: str | None
@@ -387,6 +417,9 @@ def route_match(
             rest = _prefix_rest(path, route.path)
         if rest is None:
             continue
+        if route.lease_expires_at is not None and route.lease_expires_at < now:
+            lapsed = True
+            continue
         if route.methods and method not in route.methods:
             best_length = len(route.path)
             allowed |= route.methods
@@ -394,4 +427,4 @@ def route_match(
         return RouteMatch(route, rest)
     if allowed:
         return tuple(sorted(allowed))
-    return None
+    return LEASE_LAPSED if lapsed else None

@@ -5,7 +5,7 @@
   (a service watching its own registration must see that its lease ran out). A key with an empty
   ``allowed_routes`` (which may *call* every route) sees none here: naming is what makes a route a key's own.
 - Any other user sees the active routes one of their usable keys may call, through
-  ``keys.selectors.key_route_scopes_for_user`` (without it, none).
+  ``keys.selectors.key_route_scopes_for_user``.
 """
 
 from __future__ import annotations
@@ -47,10 +47,7 @@ def route_list_for_user(*, user: Any, key: KeyPolicy | None = None) -> QuerySet[
         return route_list()
     if user is None or isinstance(user, AnonymousUser) or not user.is_authenticated or user.pk is None:
         return Route.objects.none()
-    scopes = getattr(keys_selectors, "key_route_scopes_for_user", None)
-    if scopes is None:  # the keys app does not say yet which routes a user's keys may call
-        return Route.objects.none()
-    allows_all, names = scopes(user_id=user.pk)
+    allows_all, names = keys_selectors.key_route_scopes_for_user(user_id=user.pk)
     visible = route_list().filter(is_active=True)
     if allows_all:
         return visible

@@ -963,9 +963,13 @@ def route_heartbeat(
         locked.is_active = True
         locked.deactivated_reason = ""
         changes["is_active"] = [False, True]
-    gateway_invalidate_on_commit()
     locked.save(update_fields=["lease_expires_at", "is_active", "deactivated_reason", "updated_at"])
-    _audit("heartbeat", locked.pk, locked.name, changes, actor=actor, ip_address=ip_address, key=key)
+    if "is_active" in changes:
+        # Back in service: every worker must see it (and the audit trail say who brought it back).
+        gateway_invalidate_on_commit()
+        _audit("heartbeat", locked.pk, locked.name, changes, actor=actor, ip_address=ip_address, key=key)
+    # A plain renewal invalidates nothing and is not audited (services beat every few seconds): a worker whose
+    # loaded lease runs out reloads once and finds it renewed (``proxy.gateway_catalog.gateway_reload_lapsed``).
     return locked
 
 

@@ -70,13 +70,6 @@ def model_list_for_admin() -> QuerySet[Model]:
     return Model.objects.annotate(deployment_count=Count("deployments", distinct=True))
 
 
-def route_names_unknown(names: Iterable[str]) -> list[str]:
-    """The names in ``names`` that are not a route, in the given order (key scopes: ``allowed_routes``)."""
-    wanted = list(dict.fromkeys(names))
-    known = set(Route.objects.filter(name__in=wanted).values_list("name", flat=True))
-    return [name for name in wanted if name not in known]
-
-
 def gateway_rows() -> QuerySet[Route]:
     """What the gateway's route catalog is built from (``proxy.gateway_catalog``): the active routes with
     their targets prefetched. Two queries."""

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import aiohttp
@@ -41,7 +41,15 @@ from proxy.edge.account import account
 from proxy.edge.authenticate import REFUSALS
 from proxy.edge.jwt_auth import jwt_authenticate
 from proxy.errors import ProxyError, internal_error, not_found, secret_blank, service_unavailable
-from proxy.gateway_catalog import RouteEntry, RouteMatch, RouteTargetEntry, gateway_get_async, route_match
+from proxy.gateway_catalog import (
+    LEASE_LAPSED,
+    RouteEntry,
+    RouteMatch,
+    RouteTargetEntry,
+    gateway_get_async,
+    gateway_reload_lapsed,
+    route_match,
+)
 from proxy.upstream_client import upstream_session
 
 logger = logging.getLogger(__name__)
@@ -329,22 +337,22 @@ async def _serve(
     method = event.method
     gateway = await gateway_get_async()
     version = seen.get(b"x-api-version")
-    found = route_match(
-        gateway,
-        scope["path"][len(GATEWAY_PREFIX) :],
-        method,
-        seen.get(b"host", b"").decode("latin-1"),
-        version.decode("latin-1") if version else None,
-        time.time(),
-    )
-    if found is None:
+    path = scope["path"][len(GATEWAY_PREFIX) :]
+    host = seen.get(b"host", b"").decode("latin-1")
+    version_text = version.decode("latin-1") if version else None
+    found = route_match(gateway, path, method, host, version_text, time.time())
+    if found is LEASE_LAPSED:
+        reloaded = await gateway_reload_lapsed()  # renewed by a heartbeat since this worker loaded it?
+        if reloaded is not None:
+            found = route_match(reloaded, path, method, host, version_text, time.time())
+    if found is None or found is LEASE_LAPSED:
         raise not_found("No gateway route matches this path.", code="route_not_found")
     if isinstance(found, tuple):
         allow = ", ".join(found).encode()
         raise ProxyError(
             405, f"The method {method} is not allowed here.", code="method_not_allowed", headers=((b"allow", allow),)
         )
-    match = found
+    match = cast(RouteMatch, found)
     route = match.route
     event.route = route.name
     identity = await _authenticate(route, seen, client_ip, event)

@@ -350,3 +350,21 @@ def test_gateway_calls_reach_the_ledger_and_the_route_statistics(
     series = {entry["group"]: entry["points"] for entry in answer.json()["series"]}
     assert sum(point["requests"] for point in series["stats-route"]) == 4
     assert sum(point["errors"] for point in series["stats-route"]) == 1
+
+
+def test_a_heartbeat_keeps_a_route_serving_past_the_lease_each_worker_loaded(
+    live_gateway: LiveServer, echo: EchoTarget, route_make: RouteMaker
+) -> None:
+    import time
+
+    from proxy.route_services import route_heartbeat
+
+    ends = timezone.now() + dt.timedelta(seconds=1.0)
+    renewed = route_make("beating", "/beating", [echo.root_url], ttl_s=30, lease_expires_at=ends)
+    route_make("silent", "/silent", [echo.root_url], ttl_s=30, lease_expires_at=ends)
+    assert _get(live_gateway, "/gw/beating/x").status_code == 200  # the worker loads both leases
+    assert _get(live_gateway, "/gw/silent/x").status_code == 200
+    route_heartbeat(route=renewed)  # renews in the database only: no catalog invalidation
+    time.sleep(max(0.0, (ends - timezone.now()).total_seconds()) + 0.1)
+    assert _get(live_gateway, "/gw/beating/x").status_code == 200
+    assert _get(live_gateway, "/gw/silent/x").status_code == 404

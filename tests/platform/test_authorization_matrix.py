@@ -30,7 +30,6 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 from rest_framework_simplejwt.tokens import RefreshToken
 
-import keys.selectors
 from accounts.models import User
 from gateway_stats.models import UsageRecord
 from gateway_stats.services import audit_record
@@ -148,10 +147,8 @@ MATRIX: dict[tuple[str, str], dict[str, int]] = {
 
 # --- routes: everyone reads (the queryset decides what); writes need proxy.add_/change_/delete_route (or an API key
 # naming the route: tests/routes). Each path also answers with (or without) its trailing slash: the same rows.
-# Reading one route as an ordinary user needs keys.selectors.key_route_scopes_for_user (the keys app's); until
-# it exists, ordinary users see no route.
-_USERS_SEE_ROUTES = hasattr(keys.selectors, "key_route_scopes_for_user")
-_ROUTE_READ = _ANY_USER if _USERS_SEE_ROUTES else _row(401, 404, 404, 404, 200, 200)
+# An ordinary user reads the active routes their keys may call (keys.selectors.key_route_scopes_for_user).
+_ROUTE_READ = _ANY_USER
 _ROUTE_ROWS: dict[tuple[str, str], dict[str, int]] = {
     ("/api/routes", "GET"): _ANY_USER,  # internals (targets, headers) shown only to _SEES_DEPLOYMENTS
     ("/api/routes", "HEAD"): _ANY_USER,
@@ -374,7 +371,7 @@ def _check_what_is_shown(path: str, method: str, role: str, world: World, answer
     if path.startswith("/api/routes"):
         body = answer.json()
         rows = body["results"] if "results" in body else [body]
-        if _USERS_SEE_ROUTES and not rows:
+        if not rows:
             return "sees no route"
         shown = {"targets" in row for row in rows}
         if rows and shown != {role in _SEES_DEPLOYMENTS}:
