@@ -1,9 +1,9 @@
 """Which scope names exist: a registry of checkers, filled at startup by the apps that own the names.
 
 A key's ``allowed_models`` name things of the proxy app (``allowed_routes`` too, but route names are not
-checked on purpose: a service's key names the route it is about to register itself). The keys app must not import it (the proxy sits above keys), and a
-model-field validator must not query another app, so the field validators check only
-the format and the keys services ask here whether the names exist. The proxy app
+checked on purpose: a service's key names the route it is about to register itself). The keys app must not
+import it (the proxy sits above keys), and a model-field validator must not query another app, so the field
+validators check only the format and the keys services ask here whether the names exist. The proxy app
 registers its checkers in ``ProxyConfig.ready()``; a kind without a checker accepts
 every well-formed name.
 """
