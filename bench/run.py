@@ -9,7 +9,9 @@ By default it builds a whole throwaway stack and measures it:
    processes, pinned to ``--cpus`` (CPU 0 for one worker);
 4. wrk against the upstream (direct) and through the gateway (proxy), alternately
    (A B A B ...) after a discarded warm-up, for non-streamed and streamed chat
-   completions (``--chunks`` content chunks plus ``stream_options.include_usage``),
+   completions (``--chunks`` content chunks plus ``stream_options.include_usage``)
+   and, in the ``gw`` mode, the non-streamed call through the generic route ``bench``
+   (``/gw/bench/...``, key auth, the mock as its one target) instead of ``/v1/``,
    at concurrency ``-c`` and, with ``--c1-duration``, at concurrency 1;
 5. a table (RPS, p50/p99, proxy/direct ratio, added latency, peak RSS of the
    gateway's processes) and a ``RESULT`` line; then it stops what it started, by PID.
@@ -222,6 +224,11 @@ class Target:
     url: str  # the full .../chat/completions URL
     api_key: str
     model: str
+    # The `gw` mode's URL: the same non-streamed call through a generic /gw/ route (direct: the upstream again).
+    gw_url: str = ""
+
+    def url_for(self, mode: str) -> str:
+        return self.gw_url if mode == "gw" and self.gw_url else self.url
 
 
 def chat_url(base: str) -> str:
@@ -249,21 +256,22 @@ def wrk(url: str, body_file: Path, api_key: str, concurrency: int, seconds: int,
     raise SystemExit(f"wrk failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
 
 
-def preflight(target: Target) -> float:
+def preflight(target: Target, url: str = "") -> float:
     """One JSON request; the milliseconds it took. Exits with the answer when it is not a completion."""
     data = json.dumps(chat_body(target.model, stream=False)).encode()
     headers = {"content-type": "application/json"}
     if target.api_key:
         headers["authorization"] = f"Bearer {target.api_key}"
-    request = urllib.request.Request(target.url, data=data, headers=headers)  # noqa: S310 - local URL
+    url = url or target.url
+    request = urllib.request.Request(url, data=data, headers=headers)  # noqa: S310 - local URL
     started = time.perf_counter()
     try:
         with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310
             body = json.loads(answer.read())
     except urllib.error.HTTPError as error:
-        raise SystemExit(f"pre-flight {target.url}: HTTP {error.code}: {error.read()[:300]!r}") from None
+        raise SystemExit(f"pre-flight {url}: HTTP {error.code}: {error.read()[:300]!r}") from None
     if "choices" not in body or "usage" not in body:
-        raise SystemExit(f"pre-flight {target.url}: unexpected answer {body!r:.300}")
+        raise SystemExit(f"pre-flight {url}: unexpected answer {body!r:.300}")
     return (time.perf_counter() - started) * 1000
 
 
@@ -328,11 +336,12 @@ def measure(args: argparse.Namespace, targets: list[Target], sampler: RssSampler
         for mode in args.modes:
             for target in targets:
                 if args.warmup > 0:
-                    wrk(target.url, bodies[target.name, mode], target.api_key, concurrency, args.warmup, args.load_cpus)
+                    url = target.url_for(mode)
+                    wrk(url, bodies[target.name, mode], target.api_key, concurrency, args.warmup, args.load_cpus)
             for round_number in range(1, args.rounds + 1):
                 for target in targets:
                     body = bodies[target.name, mode]
-                    run = wrk(target.url, body, target.api_key, concurrency, seconds, args.load_cpus)
+                    run = wrk(target.url_for(mode), body, target.api_key, concurrency, seconds, args.load_cpus)
                     results.setdefault(f"{stage}/{mode}/{target.name}", Series()).runs.append(run)
                     log(
                         f"  {stage:<4} {mode:<9} round {round_number} {target.name:<6} rps={run['rps']:>9.1f} "
@@ -481,7 +490,13 @@ def run_own_stack(args: argparse.Namespace) -> int:
         time.sleep(1.0 if args.workers == 1 else 3.0)  # let every worker finish booting
         targets = [
             Target("direct", chat_url(upstream_base), "", seed["upstream_model"]),
-            Target("proxy", chat_url(f"http://127.0.0.1:{gateway_port}/v1"), seed["api_key"], seed["model"]),
+            Target(
+                "proxy",
+                chat_url(f"http://127.0.0.1:{gateway_port}/v1"),
+                seed["api_key"],
+                seed["model"],
+                gw_url=f"http://127.0.0.1:{gateway_port}{args.gw_path}",
+            ),
         ]
         status = bench(args, targets, [gateway.pid], stream_checks=True)
         ledger_report(args.workdir / "bench.sqlite3")
@@ -525,6 +540,9 @@ def bench(args: argparse.Namespace, targets: list[Target], rss_pids: list[int], 
     for target in targets:
         cold, warm = preflight(target), preflight(target)
         log(f"pre-flight {target.name:<6} {target.url}: ok (first {cold:.1f} ms, then {warm:.1f} ms)")
+        if "gw" in args.modes and target.gw_url:
+            cold, warm = preflight(target, target.gw_url), preflight(target, target.gw_url)
+            log(f"pre-flight {target.name:<6} {target.gw_url}: ok (first {cold:.1f} ms, then {warm:.1f} ms)")
     if stream_checks and "stream" in args.modes:
         for target in targets:
             log(f"stream check {target.name:<6} {stream_check(target)}")
@@ -582,7 +600,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     load.add_argument("--rounds", type=int, default=2, help="A/B rounds per pass and mode")
     load.add_argument("--warmup", type=int, default=2, help="discarded seconds per target, pass and mode")
     load.add_argument("--c1-duration", type=int, default=3, help="seconds per run of the c=1 pass (0: skip it)")
-    load.add_argument("--modes", default="nonstream,stream")
+    load.add_argument(
+        "--modes", default="nonstream,stream,gw", help="nonstream, stream (/v1/ chat), gw (the same call via /gw/)"
+    )
+    load.add_argument(
+        "--gw-path", default="/gw/bench/chat/completions", help="the gw mode's path on the gateway (route 'bench')"
+    )
     load.add_argument("--load-cpus", default="1", help="CPUs for wrk and the mock upstream ('' = no pinning)")
     load.add_argument("--label", default="apiforge")
     load.add_argument("--json-out", default="", help="write the result and every raw run here")
@@ -606,7 +629,9 @@ def main(argv: list[str] | None = None) -> int:
             targets = []
             if args.upstream:
                 targets.append(Target("direct", chat_url(args.upstream), "", args.upstream_model or args.model))
-            targets.append(Target("proxy", chat_url(args.against), args.api_key, args.model))
+            origin = urllib.parse.urlsplit(args.against)
+            gw_url = f"{origin.scheme}://{origin.netloc}{args.gw_path}"
+            targets.append(Target("proxy", chat_url(args.against), args.api_key, args.model, gw_url=gw_url))
             return bench(args, targets, args.rss_pid, stream_checks=False)
         return run_own_stack(args)
     finally:

@@ -1,4 +1,5 @@
-"""Prepare a throwaway database for ``bench/run.py``: migrate, then one upstream, one model and one API key.
+"""Prepare a throwaway database for ``bench/run.py``: migrate, then one upstream, one model, one gateway route
+(``bench``, to the same upstream) and one API key.
 
 Run with the project's virtualenv python and the same environment as the gateway
 (``DATABASE_URL``, and above all ``SECRET_KEY``: key digests are peppered with
@@ -37,6 +38,7 @@ def main() -> None:
 
     from accounts.models import User
     from keys.services import key_create
+    from proxy.route_services import TargetSpec, route_register
     from proxy.services import DeploymentSpec, model_create, upstream_create
 
     user = User.objects.create_user(username="bench", email="bench@example.com", password=None)
@@ -47,6 +49,9 @@ def main() -> None:
         data={"name": args.model},
         deployments=[DeploymentSpec(upstream=upstream, upstream_model=args.upstream_model)],
     )
+    # The `gw` mode's generic route: /gw/bench/... -> the mock upstream's base URL, key auth, as an operator
+    # would register it.
+    route_register(data={"name": "bench", "path": "/bench", "auth": "key"}, targets=[TargetSpec(url=args.upstream_url)])
     issued = key_create(owner=user, name="bench")
     print(json.dumps({"api_key": issued.secret, "model": args.model, "upstream_model": args.upstream_model}))
 
