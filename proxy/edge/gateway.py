@@ -86,7 +86,9 @@ _REQUEST_DROP = _HOP_BY_HOP | {
     b"x-authenticated-user-id",
 }
 _CREDENTIALS = frozenset({b"authorization", b"x-api-key", b"api-key"})
-_RESPONSE_DROP = _HOP_BY_HOP | {b"x-request-id"}
+# The server adds its own Date and Server to every answer: the target's would be sent twice (and Server names
+# the software behind the gateway).
+_RESPONSE_DROP = _HOP_BY_HOP | {b"x-request-id", b"date", b"server"}
 # aiohttp adds Accept-Encoding (and decompresses) unless told not to: the client's own header passes instead.
 _SKIP_AUTO = ("Accept-Encoding", "Accept", "User-Agent")
 # An answer up to this size with a Content-Length is read whole and sent in one message (no watcher task).

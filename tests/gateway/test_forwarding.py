@@ -368,3 +368,12 @@ def test_a_heartbeat_keeps_a_route_serving_past_the_lease_each_worker_loaded(
     time.sleep(max(0.0, (ends - timezone.now()).total_seconds()) + 0.1)
     assert _get(live_gateway, "/gw/beating/x").status_code == 200
     assert _get(live_gateway, "/gw/silent/x").status_code == 404
+
+
+def test_the_answer_carries_one_date_and_one_server_header(
+    live_gateway: LiveServer, echo: EchoTarget, route_make: RouteMaker
+) -> None:
+    route_make("one", "/one", [echo.root_url])
+    response = _get(live_gateway, "/gw/one/x")
+    assert len(response.headers.get_list("date")) == 1
+    assert response.headers.get_list("server") == ["uvicorn"]  # the target's (aiohttp) is not passed on
