@@ -420,6 +420,11 @@ def health_unhealthy_keys() -> list[str]:
     return sorted(key for key, (healthy, _) in _health.items() if not healthy)
 
 
+def health_keys() -> set[str]:
+    """Every key with a verdict here."""
+    return set(_health)
+
+
 # --- Adopting shared records (proxy.edge.shared_state, on the event loop) -----------------------------------
 
 

@@ -105,6 +105,16 @@ class HealthChecker:
             self.due.pop(key, None)
             self.counts.pop(key, None)
         self.targets = targets
+        # A target no longer checked (its route's check removed, drained, deleted) keeps no verdict.
+        stale = sorted(key for key in breaker.health_keys() - keys if key.startswith("rt:"))
+        for key in stale:
+            breaker.health_note(key, None)
+        sync = shared_sync()
+        if stale and sync is not None:
+            try:
+                await sync.health_forget(stale)
+            except Exception:  # noqa: S110 - Redis unreachable: the next refresh tries again (the sync logs it)
+                pass
 
     async def run(self) -> None:
         next_refresh = 0.0

@@ -232,8 +232,10 @@ class _SharedSync:
                 breaker.shared_adopt(key, record)
         elif kind == "H":
             health = health_record_parse(packed)
-            if health is not None and health[0] is not None:
+            if health is not None and health[0] is not None and settings.HEALTH_CHECKS:
                 breaker.health_note(key, health[0], health[1])
+        elif kind == "X":
+            breaker.health_note(key, None)
         elif kind == "R":
             breaker.shared_drop(key)
 
@@ -266,7 +268,7 @@ class _SharedSync:
             if record is not None:
                 breaker.shared_adopt(key, record)
         decided: set[str] = set()
-        for key, packed in health.items():
+        for key, packed in health.items() if settings.HEALTH_CHECKS else ():
             verdict = health_record_parse(packed)
             if verdict is not None and verdict[0] is not None:
                 breaker.health_note(key, verdict[0], verdict[1])
@@ -277,6 +279,15 @@ class _SharedSync:
         """Whether this worker probes ``key`` this interval (one prober per target across all workers)."""
         lock = f"{settings.CACHE_KEY_PREFIX}:health-lock:{key}"
         return bool(await self.client.set(lock, "1", nx=True, px=max(int(ttl_s * 1000), 1)))
+
+    async def health_forget(self, keys: list[str]) -> None:
+        """Drop the shared verdicts of targets no longer checked (and tell every worker)."""
+        _, hash_health, channel = _names()
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hdel(hash_health, *keys)
+            for key in keys:
+                pipe.publish(channel, f"X\t{key}")
+            await pipe.execute()
 
     async def health_report(
         self, key: str, ok: bool, healthy: int, unhealthy: int

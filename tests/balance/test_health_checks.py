@@ -15,8 +15,9 @@ import pytest
 
 from apiforge.asgi import application
 from apiforge.health import breakers_detail
+from proxy.edge import health
 from proxy.edge.breaker import health_view
-from proxy.gateway_catalog import gateway_get
+from proxy.gateway_catalog import gateway_get, gateway_invalidate
 from proxy.models import Route, RouteTarget
 from tests.proxy.fake_upstream import FakeUpstream
 from tests.tcp_forwarder import TcpForwarder
@@ -119,3 +120,21 @@ def test_no_checker_runs_when_health_checks_are_off(transactional_db, live_serve
 
     assert health_view(f"rt:{target.pk}") == "unknown"
     assert fake_upstream.requests == []
+
+
+def test_a_target_no_longer_checked_loses_its_verdict(
+    transactional_db, live_server_factory, target_server, monkeypatch
+):
+    monkeypatch.setattr(health, "ROUTES_REFRESH_S", 0.2)  # the checker re-reads the routes this often
+    route = Route.objects.create(name="gone", path="/gone", auth="none", health_check=CHECK)
+    target = RouteTarget.objects.create(route=route, url=f"http://127.0.0.1:{target_server.port}")
+    key = f"rt:{target.pk}"
+    target_server.cut()
+    live_server_factory(application)
+    _wait_for(key, "unhealthy")
+
+    Route.objects.filter(pk=route.pk).update(health_check={})
+    gateway_invalidate()
+
+    _wait_for(key, "unknown")  # the stored health ("healthy") decides again
+    assert key not in _ready_breakers()
