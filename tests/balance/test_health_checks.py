@@ -11,14 +11,14 @@ import logging
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
-from apiforge.asgi import application
-from apiforge.health import breakers_detail
 from proxy.edge import health
 from proxy.edge.breaker import health_view
 from proxy.gateway_catalog import gateway_get, gateway_invalidate
 from proxy.models import Route, RouteTarget
+from tests.live_server import LiveServer
 from tests.proxy.fake_upstream import FakeUpstream
 from tests.tcp_forwarder import TcpForwarder
 
@@ -42,18 +42,27 @@ def _wait_for(key: str, verdict: str) -> None:
         time.sleep(0.02)
 
 
-def _ready_breakers() -> dict:
-    # What /health/ready lists under "breakers" (its HTTP answer is tested in test_deployment_breakers).
-    return breakers_detail()
+def _ready_breakers(server: LiveServer) -> dict:
+    return httpx.get(server.url("/health/ready"), timeout=5).json().get("breakers", {})
+
+
+@pytest.fixture(params=["shared", "in_process"])
+def sharing(request, settings) -> str:
+    """Verdicts shared through Redis (one prober per target), or counted by this process alone."""
+    if request.param == "shared" and not settings.REDIS_URL:
+        pytest.skip("REDIS_URL is unset: no shared verdicts")
+    if request.param == "in_process":
+        settings.REDIS_URL = ""  # what the breaker sync (and so the checker) shares through
+    return str(request.param)
 
 
 def test_a_dead_target_is_marked_unhealthy_and_skipped_then_brought_back(
-    transactional_db, live_server_factory, fake_upstream, target_server, caplog
+    gateway_server, fake_upstream, target_server, caplog, sharing
 ):
     route = Route.objects.create(name="orders", path="/orders", auth="none", health_check=CHECK)
     dying = RouteTarget.objects.create(route=route, url=f"http://127.0.0.1:{target_server.port}")
     steady = RouteTarget.objects.create(route=route, url=fake_upstream.root_url)
-    live_server_factory(application)  # its lifespan starts the checker, which reads these routes
+    server = gateway_server()  # its lifespan starts the checker, which reads these routes
     entry = next(r for r in gateway_get().routes if r.name == "orders")
     dying_key, steady_key = f"rt:{dying.pk}", f"rt:{steady.pk}"
     assert [t.key for t in entry.targets] == [dying_key, steady_key]
@@ -63,11 +72,11 @@ def test_a_dead_target_is_marked_unhealthy_and_skipped_then_brought_back(
     target_server.cut()
     _wait_for(dying_key, "unhealthy")
 
-    assert _ready_breakers()[dying_key] == {"state": "closed", "health": "unhealthy", "trips": 0}
+    assert _ready_breakers(server)[dying_key] == {"state": "closed", "health": "unhealthy", "trips": 0}
     assert {entry.balancer.pick().key for _ in range(4)} == {steady_key}  # type: ignore[union-attr]
     target_server.restore()
     _wait_for(dying_key, "healthy")
-    assert dying_key not in _ready_breakers()
+    assert dying_key not in _ready_breakers(server)
     assert {entry.balancer.pick().key for _ in range(4)} == {dying_key, steady_key}  # type: ignore[union-attr]
     assert health_view(steady_key) == "healthy"
     # Going down and coming back are told once each, at WARNING; a dead target is no ERROR.
@@ -79,11 +88,11 @@ def test_a_dead_target_is_marked_unhealthy_and_skipped_then_brought_back(
     ]
 
 
-def test_all_targets_unhealthy_are_tried_anyway(transactional_db, live_server_factory, target_server):
+def test_all_targets_unhealthy_are_tried_anyway(gateway_server, target_server):
     route = Route.objects.create(name="lonely", path="/lonely", auth="none", health_check=CHECK)
     only = RouteTarget.objects.create(route=route, url=f"http://127.0.0.1:{target_server.port}")
     target_server.cut()
-    live_server_factory(application)
+    gateway_server()
     entry = next(r for r in gateway_get().routes if r.name == "lonely")
 
     _wait_for(f"rt:{only.pk}", "unhealthy")
@@ -93,15 +102,13 @@ def test_all_targets_unhealthy_are_tried_anyway(transactional_db, live_server_fa
     assert picked.key == f"rt:{only.pk}"
 
 
-def test_drained_targets_and_routes_without_a_check_are_not_probed(
-    transactional_db, live_server_factory, fake_upstream
-):
+def test_drained_targets_and_routes_without_a_check_are_not_probed(gateway_server, fake_upstream):
     checked = Route.objects.create(name="checked", path="/checked", auth="none", health_check=CHECK)
     drained = RouteTarget.objects.create(route=checked, url=fake_upstream.root_url, health="drained")
     unchecked = Route.objects.create(name="unchecked", path="/unchecked", auth="none")
     plain = RouteTarget.objects.create(route=unchecked, url=fake_upstream.root_url + "/x")
     probe = RouteTarget.objects.create(route=checked, url=fake_upstream.root_url + "/")
-    live_server_factory(application)
+    gateway_server()
 
     _wait_for(f"rt:{probe.pk}", "healthy")
 
@@ -110,11 +117,11 @@ def test_drained_targets_and_routes_without_a_check_are_not_probed(
     assert {r.path for r in fake_upstream.requests} == {"/v1/models"}
 
 
-def test_no_checker_runs_when_health_checks_are_off(transactional_db, live_server_factory, fake_upstream, settings):
+def test_no_checker_runs_when_health_checks_are_off(gateway_server, fake_upstream, settings):
     settings.HEALTH_CHECKS = False
     route = Route.objects.create(name="off", path="/off", auth="none", health_check=CHECK)
     target = RouteTarget.objects.create(route=route, url=fake_upstream.root_url)
-    live_server_factory(application)
+    gateway_server()
 
     time.sleep(0.3)  # three intervals of the check
 
@@ -122,19 +129,17 @@ def test_no_checker_runs_when_health_checks_are_off(transactional_db, live_serve
     assert fake_upstream.requests == []
 
 
-def test_a_target_no_longer_checked_loses_its_verdict(
-    transactional_db, live_server_factory, target_server, monkeypatch
-):
+def test_a_target_no_longer_checked_loses_its_verdict(gateway_server, target_server, monkeypatch):
     monkeypatch.setattr(health, "ROUTES_REFRESH_S", 0.2)  # the checker re-reads the routes this often
     route = Route.objects.create(name="gone", path="/gone", auth="none", health_check=CHECK)
     target = RouteTarget.objects.create(route=route, url=f"http://127.0.0.1:{target_server.port}")
     key = f"rt:{target.pk}"
     target_server.cut()
-    live_server_factory(application)
+    server = gateway_server()
     _wait_for(key, "unhealthy")
 
     Route.objects.filter(pk=route.pk).update(health_check={})
     gateway_invalidate()
 
     _wait_for(key, "unknown")  # the stored health ("healthy") decides again
-    assert key not in _ready_breakers()
+    assert key not in _ready_breakers(server)
