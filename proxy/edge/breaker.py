@@ -26,15 +26,17 @@ unreachable each worker keeps deciding on its own counts and catches up when it 
 
 **The bound.** With N workers, a target that starts failing gets at most
 
-    failure_threshold + C + (N - 1) x (failure_threshold - 1)
+    N x failure_threshold + C
 
-calls before every worker refuses it, where C is the calls already in flight when the threshold is reached:
-each worker also opens on its own count, so no worker sends more than ``failure_threshold`` failing calls
-however late it hears from the others (the ``(N - 1) x (failure_threshold - 1)`` term is the worst case of
-all workers failing at once before any write-through lands; with Redis up it is the calls started during the
-write-through delay, typically zero). In half-open, each worker admits its own ``half_open_requests``
-probes (a probe claim never waits on Redis), so a recovering target sees at most N x ``half_open_requests``
-probes per cooldown. The two-worker test (tests/balance/test_breaker_processes.py) checks both.
+calls before every worker refuses it, where C is the calls already in flight when they trip: each worker
+counts its own failures and those it hears of, and opens when the count reaches the threshold, so no worker
+sends more than ``failure_threshold`` failing calls however late (or never, Redis being down) it hears from
+the others. With Redis up the others' failures arrive within a round trip, so the cluster as a whole sends
+about ``failure_threshold`` (the two-worker test, calling the workers in turn, sees exactly that) plus the
+calls started during that delay. In half-open each worker admits its own ``half_open_requests`` probes (a
+probe claim never waits on Redis), so a recovering target sees at most N x ``half_open_requests`` probes per
+cooldown; the first probe result published settles it for all. tests/balance/test_breaker_processes.py checks
+the bound with two worker processes.
 
 ``health_view`` is the active health checks' word on a target (``proxy.edge.health`` probes; the verdicts are
 shared the same way and never written to the database).

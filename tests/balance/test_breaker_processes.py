@@ -7,8 +7,9 @@ test's PostgreSQL database and Redis, with this run's ``CACHE_KEY_PREFIX``. They
   B ever calling the failing upstream: B answers 503 with ``Retry-After`` and the fake sees no call from it;
   after the cooldown a probe through B closes it, and A serves again;
 - calls alternating between both workers to an upstream that keeps failing stop within the bound in
-  ``proxy.edge.breaker``'s docstring: ``threshold + C + (N - 1) x (threshold - 1)`` with C = 0 calls in
-  flight (sequential calls) and N = 2.
+  ``proxy.edge.breaker``'s docstring: ``N x threshold + C`` with N = 2 workers and C = 0 calls in flight
+  (sequential calls). Locally it is the threshold itself (the failures are shared within a round trip), but
+  that depends on timing, so only the bound is asserted.
 
 PostgreSQL and Redis only (CI): the processes must share the database and the breakers' Redis.
 """
@@ -202,7 +203,7 @@ def test_calls_alternating_between_workers_stop_within_the_documented_bound(work
     key = _model("gpt-bound", fake_upstream)
     secret = key_make().secret
     fake_upstream.fail_next(1000, status=500)
-    bound = THRESHOLD + 0 + (2 - 1) * (THRESHOLD - 1)  # threshold + C + (N - 1) x (threshold - 1)
+    bound = 2 * THRESHOLD + 0  # N x threshold + C
 
     refused = {a.name: False, b.name: False}
     for _ in range(4 * THRESHOLD):  # far more calls than the bound
