@@ -12,11 +12,22 @@ async def _usage_emitter_start() -> None:
         emitter.start()
 
 
-async def _usage_emitter_stop() -> None:
+def _emitter_stop_and_close() -> None:
+    from django.db import connections
+
     from gateway_stats.usage import emitter
 
+    try:
+        emitter.stop()
+    finally:
+        # The last flush may write (keys' last_used_at, the ledger) from this executor thread: give its
+        # connections back (to the pool, on PostgreSQL), or every server stop in a process would keep one.
+        connections.close_all()
+
+
+async def _usage_emitter_stop() -> None:
     # Joins the emitter's thread (a last flush to the sinks): off the event loop.
-    await asyncio.to_thread(emitter.stop)
+    await asyncio.to_thread(_emitter_stop_and_close)
 
 
 class GatewayStatsConfig(AppConfig):

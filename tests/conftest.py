@@ -13,6 +13,7 @@ from apiforge.local_cache import local_caches_clear
 from gateway_stats.transport import ledger_transport
 from gateway_stats.usage import emitter
 from keys.services import key_usage_forget
+from proxy.edge.breaker import breakers_forget
 
 # The secret-leak check (every test): see its module docstring.
 pytest_plugins = ["tests.secret_leaks"]
@@ -69,6 +70,7 @@ def _clear_cache() -> Iterator[None]:
         cache.clear()
     local_caches_clear()
     key_usage_forget()
+    breakers_forget()  # breaker and health state live in the process; SQLite tests reuse deployment ids
 
 
 def _delete_prefixed_keys() -> None:
