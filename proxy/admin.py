@@ -18,10 +18,11 @@ from django.contrib import admin
 from django.core.exceptions import ValidationError
 from django.db.models import ForeignKey, QuerySet
 from django.forms import ModelChoiceField
-from django.forms.models import BaseInlineFormSet, construct_instance
+from django.forms.models import construct_instance
 from django.http import HttpRequest
 
 from apiforge.audit import audit_context
+from proxy.admin_formsets import ServiceSavedInlineFormSet
 from proxy.models import Deployment, Model, Upstream
 from proxy.selectors import model_list_for_admin
 from proxy.services import (
@@ -156,11 +157,8 @@ class UpstreamAdmin(admin.ModelAdmin):
             upstream_delete(upstream=upstream, **audit)
 
 
-class DeploymentInlineFormSet(BaseInlineFormSet):
+class DeploymentInlineFormSet(ServiceSavedInlineFormSet):
     """The inline rows as the service's ``DeploymentSpec``s, checked by the service's rules."""
-
-    def _deleting(self, form: forms.BaseForm) -> bool:
-        return bool(self.can_delete and getattr(form, "cleaned_data", {}).get("DELETE"))
 
     def deployment_specs(self) -> list[DeploymentSpec]:
         """The rows that stay (filled in and not marked for deletion), as the service wants them."""
@@ -173,17 +171,6 @@ class DeploymentInlineFormSet(BaseInlineFormSet):
             )
             for form in self.forms
             if form.cleaned_data and not self._deleting(form)
-        ]
-
-    def history_note(self) -> None:
-        """What ``save()`` would have noted for the admin's history entry (its change message reads it)."""
-        kept = [form for form in self.forms if not self._deleting(form)]
-        self.new_objects = [form.instance for form in kept if form.instance.pk is None and form.has_changed()]
-        self.changed_objects = [
-            (form.instance, form.changed_data) for form in kept if form.instance.pk is not None and form.has_changed()
-        ]
-        self.deleted_objects = [
-            form.instance for form in self.forms if form.instance.pk is not None and self._deleting(form)
         ]
 
     def clean(self) -> None:

@@ -18,12 +18,13 @@ from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from django.db.models import Q, QuerySet
-from django.forms.models import BaseInlineFormSet, construct_instance
+from django.forms.models import construct_instance
 from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from apiforge.audit import audit_context
+from proxy.admin_formsets import ServiceSavedInlineFormSet
 from proxy.edge import breaker as edge_breaker
 from proxy.models import Route, RouteTarget
 from proxy.route_selectors import route_list_for_admin
@@ -131,11 +132,8 @@ class RouteTargetForm(forms.ModelForm):
         fields = ["url", "weight", "health"]
 
 
-class RouteTargetInlineFormSet(BaseInlineFormSet):
+class RouteTargetInlineFormSet(ServiceSavedInlineFormSet):
     """The inline rows as the service's ``TargetSpec``s, checked by the service's rules."""
-
-    def _deleting(self, form: forms.BaseForm) -> bool:
-        return bool(self.can_delete and getattr(form, "cleaned_data", {}).get("DELETE"))
 
     def target_specs(self) -> list[TargetSpec]:
         """The rows that stay (filled in, not marked for deletion)."""
@@ -145,17 +143,6 @@ class RouteTargetInlineFormSet(BaseInlineFormSet):
             )
             for form in self.forms
             if form.cleaned_data and not self._deleting(form)
-        ]
-
-    def history_note(self) -> None:
-        """What ``save()`` would have noted for the admin's history entry (its change message reads it)."""
-        kept = [form for form in self.forms if not self._deleting(form)]
-        self.new_objects = [form.instance for form in kept if form.instance.pk is None and form.has_changed()]
-        self.changed_objects = [
-            (form.instance, form.changed_data) for form in kept if form.instance.pk is not None and form.has_changed()
-        ]
-        self.deleted_objects = [
-            form.instance for form in self.forms if form.instance.pk is not None and self._deleting(form)
         ]
 
     def clean(self) -> None:
