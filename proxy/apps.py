@@ -17,6 +17,10 @@ class ProxyConfig(AppConfig):
         # Start: the breaker/health state sync and the health checker; stop: those, then the upstream pool,
         # before gateway_stats' usage emitter stops (INSTALLED_APPS order).
         lifespan_hooks_register(AppHooks("proxy", start=proxy_start, stop=proxy_stop))
+        # No broker (the embedded default): no beat either, so the process sweeps expired route leases itself.
+        from proxy.lease_sweeper import lease_sweeper_start, lease_sweeper_stop
+
+        lifespan_hooks_register(AppHooks("proxy.leases", start=lease_sweeper_start, stop=lease_sweeper_stop))
 
         # The hot path's catalogs read the database (on a miss) only through these readers.
         catalog_rows_reader_register(catalog_rows)
