@@ -68,10 +68,13 @@ class EchoTarget(FakeUpstream):
                     await response.write(piece)
                     sent += len(piece)
                 await response.write_eof()
-            except (ConnectionError, asyncio.CancelledError):
+            except asyncio.CancelledError:
                 self.disconnects += 1
                 self.disconnected.set()
                 raise
+            except ConnectionError:  # aiohttp's ClientConnectionResetError too: the reader went away
+                self.disconnects += 1
+                self.disconnected.set()
             return response
         if request.path == "/upload":
             digest = hashlib.sha256()

@@ -158,10 +158,12 @@ def broker_unreachable(settings):
     settings.USAGE_TRANSPORT_RETRY_S = 0
     saved = celery_app.conf.broker_url, celery_app.conf.broker_write_url
     celery_app.conf.broker_url = celery_app.conf.broker_write_url = "redis://127.0.0.1:1/0"
-    celery_app.pool.force_close_all()
+    # New pools for the unreachable URL; the real broker's pools stay open: kombu keeps them in a registry
+    # keyed by URL, so closing one here would hand a closed pool to every later publish.
     celery_app._pool = None
     celery_app.amqp._producer_pool = None
     yield
+    celery_app.pool.force_close_all()  # the unreachable URL's pool
     celery_app.conf.broker_url, celery_app.conf.broker_write_url = saved
     celery_app._pool = None
     celery_app.amqp._producer_pool = None
