@@ -388,9 +388,10 @@ async def _serve(
     tried: set[str] = set()
     last_failure: ProxyError | None = None
     target = route.balancer.pick(tried)
-    for attempt in range(attempts):
-        if target is None:
-            break
+    stale_retried = False
+    attempt = -1
+    while target is not None and attempt + 1 < attempts:
+        attempt += 1
         tried.add(target.key)
         event.upstream = target.netloc
         call_started = time.perf_counter()
@@ -406,7 +407,19 @@ async def _serve(
                 skip_auto_headers=_SKIP_AUTO,
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            route.balancer.finished(target, ok=False, elapsed_s=time.perf_counter() - call_started)
+            elapsed = time.perf_counter() - call_started
+            resendable = body is None or isinstance(body, bytes)  # a streamed body can be sent once only
+            if isinstance(exc, aiohttp.ServerDisconnectedError) and not stale_retried and resendable:
+                # Most often a pooled keep-alive connection the target had just closed (servers drop idle ones
+                # after a few seconds) and the request never reached it: sent again once, on a new connection,
+                # whatever the method; no verdict on the target.
+                stale_retried = True
+                route.balancer.finished(target, ok=None, elapsed_s=elapsed)
+                tried.discard(target.key)
+                target = route.balancer.pick(tried)
+                attempt -= 1  # this try does not count
+                continue
+            route.balancer.finished(target, ok=False, elapsed_s=elapsed)
             if upload.too_large:
                 raise ProxyError(
                     413, "The request body is larger than this route allows.", code="request_too_large"

@@ -377,3 +377,68 @@ def test_the_answer_carries_one_date_and_one_server_header(
     response = _get(live_gateway, "/gw/one/x")
     assert len(response.headers.get_list("date")) == 1
     assert response.headers.get_list("server") == ["uvicorn"]  # the target's (aiohttp) is not passed on
+
+
+class _ClosingAfterOneAnswer:
+    """A raw HTTP/1.1 server that answers the first request of each connection keep-alive style and closes the
+    connection, unanswered, when a second request arrives on it: a target dropping an idle keep-alive
+    connection just as the gateway's pool reuses it."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.answered = 0
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    def _connection(self, conn: Any) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok")
+            self.answered += 1
+            if conn.recv(65536):  # the next request on this connection: dropped unanswered
+                self.dropped += 1
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_pooled_connection_the_target_closed_is_retried_once_even_for_a_post(
+    live_gateway: LiveServer, route_make: RouteMaker
+) -> None:
+    from proxy.edge import breaker
+    from proxy.models import Route
+
+    target = _ClosingAfterOneAnswer()
+    try:
+        route_make("closing", "/closing", [f"http://127.0.0.1:{target.port}"], retries=0, breaker_failure_threshold=1)
+        for _ in range(3):
+            answer = httpx.post(live_gateway.url("/gw/closing/x"), content=b"payload", timeout=10)
+            assert (answer.status_code, answer.text) == (200, "ok")
+        assert target.answered == 3
+        assert target.dropped == 2  # the second and third calls met a dropped connection first
+        view = breaker.breaker_view(f"rt:{Route.objects.get(name='closing').targets.get().pk}")
+        assert view.state == "closed"  # no verdict against the target (threshold 1)
+    finally:
+        target.close()

@@ -26,13 +26,14 @@ def test_without_a_broker_the_server_deactivates_expired_leases(
     )
     from apiforge.asgi import application
 
-    live_server_factory(application)
+    server = live_server_factory(application)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         expired.refresh_from_db()
         if not expired.is_active:
             break
         time.sleep(0.05)
+    server.stop()  # before the test's database access ends (the sweep runs every 0.1 s)
     assert (expired.is_active, expired.deactivated_reason) == (False, "lease_expired")
     assert Route.objects.get(pk=running.pk).is_active
 
