@@ -64,14 +64,13 @@ class OpenAIBackend:
         except orjson.JSONEncodeError:  # payload_parse's depth check should have caught it: never a 500 for it
             raise too_deep() from None
         try:
-            response = await upstream_session().post(
-                upstream.urls[endpoint],
-                data=data,
-                headers=upstream.headers,
-                # A JSON answer must come within timeout_s; a stream may last longer, with no gap above it.
-                timeout=upstream.stream_timeout if stream else upstream.timeout,
-                allow_redirects=False,
-            )
+            try:
+                response = await _post(upstream, endpoint, data, stream)
+            except aiohttp.ServerDisconnectedError:
+                # Most often a pooled keep-alive connection the upstream had just dropped (servers close idle
+                # ones after a few seconds) and the request never reached it: sent again once, at once. Counted
+                # against the deployment (its breaker) only if that fails too.
+                response = await _post(upstream, endpoint, data, stream)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _call_failure(exc, upstream.name) from None
         status = response.status
@@ -92,6 +91,17 @@ class OpenAIBackend:
         except orjson.JSONDecodeError:
             raise UpstreamBrokeOff(f"The upstream {upstream.name!r} answered with invalid JSON.") from None
         return UpstreamAnswer(body=body, usage=parsed.get("usage") if isinstance(parsed, dict) else None)
+
+
+def _post(upstream: UpstreamTarget, endpoint: str, data: bytes, stream: bool) -> Any:
+    return upstream_session().post(
+        upstream.urls[endpoint],
+        data=data,
+        headers=upstream.headers,
+        # A JSON answer must come within timeout_s; a stream may last longer, with no gap above it.
+        timeout=upstream.stream_timeout if stream else upstream.timeout,
+        allow_redirects=False,
+    )
 
 
 def _call_failure(exc: BaseException, upstream: str) -> UpstreamError:

@@ -220,6 +220,10 @@ def _open(breaker: _Breaker, now: float, trips: int) -> None:
     breaker.failures = 0
     breaker.probes = 0
     breaker.open_until = now + _cooldown(breaker.policy, trips)
+    # Once per trip (not per request): operators and benchmarks see when and why a member was shed.
+    logger.warning(
+        "circuit breaker %s opened for %.1f s (trip %d in a row)", breaker.key, breaker.open_until - now, trips
+    )
     _report(breaker, now)
 
 

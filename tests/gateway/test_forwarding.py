@@ -384,10 +384,18 @@ class _ClosingAfterOneAnswer:
     connection, unanswered, when a second request arrives on it: a target dropping an idle keep-alive
     connection just as the gateway's pool reuses it."""
 
-    def __init__(self) -> None:
+    def __init__(self, body: bytes = b"ok", content_type: bytes = b"text/plain") -> None:
         import socket
         import threading
 
+        self.answer = (
+            b"HTTP/1.1 200 OK\r\ncontent-type: "
+            + content_type
+            + b"\r\ncontent-length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
@@ -415,7 +423,7 @@ class _ClosingAfterOneAnswer:
                 if not chunk:
                     return
                 data += chunk
-            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok")
+            conn.sendall(self.answer)
             self.answered += 1
             if conn.recv(65536):  # the next request on this connection: dropped unanswered
                 self.dropped += 1
@@ -440,5 +448,40 @@ def test_a_pooled_connection_the_target_closed_is_retried_once_even_for_a_post(
         assert target.dropped == 2  # the second and third calls met a dropped connection first
         view = breaker.breaker_view(f"rt:{Route.objects.get(name='closing').targets.get().pk}")
         assert view.state == "closed"  # no verdict against the target (threshold 1)
+    finally:
+        target.close()
+
+
+def test_v1_too_sends_again_once_what_met_a_dropped_keep_alive_connection(live_gateway: LiveServer) -> None:
+    import json
+
+    import openai
+
+    from proxy.edge import breaker
+    from tests.proxy.helpers import key_make, model_make, upstream_make
+
+    completion = {
+        "id": "c1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+    target = _ClosingAfterOneAnswer(json.dumps(completion).encode(), b"application/json")
+    try:
+        upstream = upstream_make(base_url=f"http://127.0.0.1:{target.port}/v1", max_retries=0)
+        upstream.breaker_failure_threshold = 1
+        upstream.save()
+        model_make("dropping", upstream)
+        client = openai.OpenAI(base_url=live_gateway.url("/v1"), api_key=key_make().secret, max_retries=0)
+        for _ in range(3):
+            answer = client.chat.completions.create(model="dropping", messages=[{"role": "user", "content": "x"}])
+            assert answer.choices[0].message.content == "hi"
+        assert (target.answered, target.dropped) == (3, 2)
+        from proxy.models import Deployment
+
+        deployment = Deployment.objects.get(model__name="dropping")
+        assert breaker.breaker_view(f"dep:{deployment.pk}").state == "closed"  # no verdict (threshold 1)
     finally:
         target.close()
