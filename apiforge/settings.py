@@ -351,6 +351,15 @@ BREAKER_MIN_REQUESTS = env.int("BREAKER_MIN_REQUESTS", default=20)
 # Active health checks of route targets with a health_check (one prober per target and interval across all
 # workers, through a shared lock); off: only passive checks (the breakers).
 HEALTH_CHECKS = env.bool("HEALTH_CHECKS", default=True)
+# --- Rate limits, concurrency, budgets (proxy/edge/limits.py; issue 12, not yet enforced on the hot path) -----
+# Redis unreachable: serve (true, logged once per interval, counted) or refuse with 429 rate_limiter_unavailable.
+RATE_LIMIT_FAIL_OPEN = env.bool("RATE_LIMIT_FAIL_OPEN", default=True)
+# The limiter's Redis calls give up after this (the request path never waits for a TCP timeout).
+RATE_LIMIT_REDIS_TIMEOUT_S = env.float("RATE_LIMIT_REDIS_TIMEOUT_S", default=0.05)
+# After a failed Redis call the limiter stops trying for this long (its own breaker), then probes again.
+RATE_LIMIT_REDIS_RETRY_S = env.float("RATE_LIMIT_REDIS_RETRY_S", default=1.0)
+# A concurrency lease is dropped this long after its last renewal (a dead worker's in-flight calls free up).
+RATE_LIMIT_LEASE_TTL_S = env.float("RATE_LIMIT_LEASE_TTL_S", default=60.0)
 CELERY_BEAT_SCHEDULE["route-leases"] = {
     "task": "proxy.route_leases_expire",
     "schedule": ROUTE_LEASE_SWEEP_S,
