@@ -51,6 +51,7 @@ def access_log_fields(event: UsageEvent) -> dict[str, Any]:
         "method": event.method,
         "endpoint": endpoint_label(event.endpoint),
         "model": event.model,
+        "route": event.route,
         "upstream": event.upstream,
         "status": event.status,
         "error_code": event.error_code,
@@ -64,8 +65,8 @@ def access_log_fields(event: UsageEvent) -> dict[str, Any]:
 
 
 def _message(event: UsageEvent, endpoint: str, latency_ms: float) -> str:
-    """The human part of a line: ``POST /v1/chat/completions 200 gpt-4o 812.4ms``."""
-    return f"{event.method} {endpoint} {event.status} {event.model or '-'} {latency_ms:.1f}ms"
+    """The human part of a line: ``POST /v1/chat/completions 200 gpt-4o 812.4ms`` (a route call: its route)."""
+    return f"{event.method} {endpoint} {event.status} {event.model or event.route or '-'} {latency_ms:.1f}ms"
 
 
 def _json_lines(batch: list[UsageEvent], stamp: str, terminator: str) -> str:
@@ -91,6 +92,7 @@ def _json_lines(batch: list[UsageEvent], stamp: str, terminator: str) -> str:
                 "method": event.method,
                 "endpoint": endpoint,
                 "model": event.model,
+                "route": event.route,
                 "upstream": event.upstream,
                 "status": event.status,
                 "error_code": event.error_code,

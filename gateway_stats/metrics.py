@@ -51,6 +51,7 @@ LAG_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.
 # The proxy's endpoints as label values; any other path is "other" (the path is the client's to choose).
 _ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"})
 _MODEL_DETAIL = "/v1/models/{model}"
+_GATEWAY = "/gw/"
 
 REQUESTS = Counter(
     "apiforge_requests",
@@ -108,9 +109,10 @@ EVENTS_DROPPED = Counter(
 
 
 def endpoint_label(path: str) -> str:
-    """The bounded label value of a proxied path (``/gw/`` mirrors ``/v1/``)."""
-    if path.startswith("/gw/v1/"):
-        path = path[3:]
+    """The bounded label value of a proxied path: a ``/v1/`` endpoint, or ``/gw/`` for every gateway route call
+    (the route itself is the usage record's ``route``; the rest of the path is the client's to choose)."""
+    if path.startswith(_GATEWAY):
+        return _GATEWAY
     if path in _ENDPOINTS:
         return path
     if path.startswith("/v1/models/"):

@@ -423,8 +423,8 @@ class _ClosingAfterOneAnswer:
                 if not chunk:
                     return
                 data += chunk
+            self.answered += 1  # before the answer leaves: the client may check the count as soon as it has it
             conn.sendall(self.answer)
-            self.answered += 1
             if conn.recv(65536):  # the next request on this connection: dropped unanswered
                 self.dropped += 1
 

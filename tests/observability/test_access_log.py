@@ -30,6 +30,7 @@ FIELDS = {
     "method",
     "endpoint",
     "model",
+    "route",
     "upstream",
     "status",
     "error_code",
