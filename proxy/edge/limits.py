@@ -155,6 +155,7 @@ class InProcessLimiter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._windows: dict[str, dict[int, float]] = {}
+        self._window_s: dict[str, float] = {}  # each window's length, for the sweep
         self._leases: dict[str, dict[str, float]] = {}
         self._budgets: dict[str, tuple[float, float]] = {}  # counter key -> (spent, period_end)
         self._checks = 0
@@ -162,13 +163,16 @@ class InProcessLimiter:
     def forget(self) -> None:
         with self._lock:
             self._windows.clear()
+            self._window_s.clear()
             self._leases.clear()
             self._budgets.clear()
 
     def _sweep(self, now: float) -> None:
         # Nothing accumulates: windows left empty, leases all expired and budgets of past periods go.
-        for key in [k for k, b in self._windows.items() if not b or max(b) < math.floor(now) - 3600]:
+        sec = math.floor(now)
+        for key in [k for k, b in self._windows.items() if not b or max(b) < sec - self._window_s.get(k, 0)]:
             del self._windows[key]
+            self._window_s.pop(key, None)
         for key in [k for k, members in self._leases.items() if all(exp <= now for exp in members.values())]:
             del self._leases[key]
         for key in [k for k, (_, end) in self._budgets.items() if end < now]:
@@ -190,6 +194,7 @@ class InProcessLimiter:
                 if limit.kind in _WINDOW_KINDS:
                     first = sec - int(limit.window_s)
                     buckets = self._windows.setdefault(key, {})
+                    self._window_s[key] = limit.window_s
                     for s in [s for s in buckets if s < first]:
                         del buckets[s]
                     ordered = sorted(buckets.items())

@@ -150,3 +150,16 @@ async def test_a_limit_larger_than_possible_is_refused_for_a_whole_window(backen
 
 async def test_no_limits_is_allowed() -> None:
     assert (await admit([])).allowed
+
+
+async def test_concurrent_admits_over_two_limits_reserve_only_for_the_allowed_ones(backend: str) -> None:
+    rpm = Limit(key="k:11:rpm", kind="requests", limit=100, amount=1)
+    slots = Limit(key="k:11:conc", kind="concurrency", limit=10, amount=1)
+    decisions = await asyncio.gather(*(admit([rpm, slots], now=T0) for _ in range(30)))
+    allowed = [d for d in decisions if d.allowed]
+    assert len(allowed) == 10
+    assert {d.refused for d in decisions if not d.allowed} == {slots}
+    await asyncio.gather(*(release(d) for d in allowed))
+    after = await admit([rpm, slots], now=T0)
+    assert after.allowed
+    assert after.remaining == {"k:11:rpm": 89, "k:11:conc": 9}  # the 20 refused took no request
