@@ -14,6 +14,7 @@ from gateway_stats.transport import ledger_transport
 from gateway_stats.usage import emitter
 from keys.services import key_usage_forget
 from proxy.edge.breaker import breakers_forget
+from proxy.edge.limits import limits_forget
 
 # The secret-leak check (every test): see its module docstring.
 pytest_plugins = ["tests.secret_leaks"]
@@ -71,6 +72,7 @@ def _clear_cache() -> Iterator[None]:
     local_caches_clear()
     key_usage_forget()
     breakers_forget()  # breaker and health state live in the process; SQLite tests reuse deployment ids
+    limits_forget()  # the in-process limiter's counters (and a Redis limiter's client of this test's loop)
 
 
 def _delete_prefixed_keys() -> None:
