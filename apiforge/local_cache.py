@@ -176,3 +176,41 @@ class SyncedLocalCache(Generic[V]):
             self._entries.clear()
             self._generation = None
             self._checked_at = 0.0
+
+
+class SyncedSnapshot(Generic[V]):
+    """One value loaded whole by ``load`` (a routing catalog), kept in a ``SyncedLocalCache`` of its own: read
+    from memory, loaded again after an invalidation anywhere or the TTL (``get_async`` off the event loop)."""
+
+    _KEY = "snapshot"
+
+    def __init__(self, namespace: str, load: Callable[[], V], *, ttl: float) -> None:
+        self.cache: SyncedLocalCache[V] = SyncedLocalCache(namespace, ttl=ttl)
+        self.load = load
+
+    def get(self) -> V:
+        value = self.cache.get(self._KEY)
+        if value is None:
+            value = self.load()
+            self.cache.set(self._KEY, value)
+        return value
+
+    async def get_async(self) -> V:
+        value = self.cache.get(self._KEY)
+        if value is None:
+            value = await self.reload_async()
+        return value
+
+    async def reload_async(self) -> V:
+        """Load it now in this process only (no invalidation elsewhere)."""
+        from asgiref.sync import sync_to_async
+
+        value = await sync_to_async(self.load)()
+        self.cache.set(self._KEY, value)
+        return value
+
+    def invalidate(self) -> None:
+        self.cache.invalidate()
+
+    def invalidate_on_commit(self) -> None:
+        self.cache.invalidate_on_commit()

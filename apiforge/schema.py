@@ -13,7 +13,7 @@ the document says what the API really does:
 - 429 (with ``Retry-After``) where DRF throttles apply.
 
 Request bodies of serializers that refuse unknown fields (``refuses_unknown_fields = True``,
-e.g. ``keys.apis.StrictFieldsMixin``) get ``additionalProperties: false``. Decimal fields with
+e.g. ``apiforge.serializers.StrictFieldsMixin``) get ``additionalProperties: false``. Decimal fields with
 ``min_value >= 0`` (sent as strings, whose minimum JSON Schema cannot state) get a pattern without
 the minus sign, and lists that may not be empty (``allow_empty=False``) ``minItems: 1``.
 

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
 
@@ -20,6 +20,7 @@ from rest_framework.response import Response
 from apiforge.audit import audit_context
 from apiforge.filters import IdFilter
 from apiforge.permissions import OwnerOrStaffModelPermissions
+from apiforge.serializers import StrictFieldsMixin
 from keys.models import ApiKey
 from keys.selectors import key_list
 from keys.services import ROTATION_GRACE_MAX_S, key_create, key_revoke, key_rotate, key_update
@@ -27,31 +28,6 @@ from keys.validators import MAX_LIST_ITEMS
 
 if TYPE_CHECKING:
     from accounts.models import User
-
-
-class StrictFieldsMixin(serializers.Serializer):
-    """Refuse fields the operation does not accept (unknown or read-only) with a field error each.
-
-    Silently ignoring a misspelt ``rpm_limt`` would leave a key without the limit its owner meant to set.
-    """
-
-    refuses_unknown_fields = True  # the schema says so: additionalProperties false (apiforge/schema.py)
-
-    def to_internal_value(self, data: Any) -> Any:
-        errors: dict[str, Any] = {}
-        if isinstance(data, Mapping):
-            accepted = {field.field_name for field in self._writable_fields}
-            errors.update({name: ["Unknown or read-only field."] for name in data if name not in accepted})
-        try:
-            value = super().to_internal_value(data)
-        except serializers.ValidationError as exc:
-            if not isinstance(exc.detail, dict):
-                raise
-            errors = {**exc.detail, **errors}
-            value = None
-        if errors:
-            raise serializers.ValidationError(errors)
-        return value
 
 
 def _string_list(help_text: str, max_length: int) -> serializers.ListField:

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 from apiforge.request_id import request_id_from, request_id_var
-from proxy.edge.exchange import ProxyRequest, ProxyResponse
+from proxy.edge.exchange import ProxyRequest, ProxyResponse, Receive, Scope, Send
 from proxy.edge.gateway import gateway_app
 from proxy.edge.ingress import (
     GATEWAY_PREFIX,
@@ -29,11 +28,6 @@ from proxy.edge.pipeline import proxy_handle
 from proxy.errors import internal_error
 
 logger = logging.getLogger(__name__)
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 
 async def proxy_app(scope: Scope, receive: Receive, send: Send) -> None:

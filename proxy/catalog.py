@@ -10,19 +10,18 @@ inside their transactions; it only touches the cache, never business state.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Set
+from collections.abc import Callable, Coroutine, Iterable, Set
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from multidict import CIMultiDict
 from yarl import URL
 
-from apiforge.local_cache import SyncedLocalCache
+from apiforge.local_cache import SyncedSnapshot
 from proxy.edge.balance import Balancer
 from proxy.edge.breaker import BreakerPolicy
 
@@ -164,31 +163,22 @@ def catalog_load() -> Catalog:
     return Catalog(models=models)
 
 
-_cache: SyncedLocalCache[Catalog] = SyncedLocalCache("proxy-catalog", ttl=300.0)
-_CATALOG = "catalog"
+_snapshot: SyncedSnapshot[Catalog] = SyncedSnapshot("proxy-catalog", lambda: catalog_load(), ttl=300.0)
 
 
 def catalog_get() -> Catalog:
     """The current catalog (memory; database only after an invalidation or TTL)."""
-    catalog = _cache.get(_CATALOG)
-    if catalog is None:
-        catalog = catalog_load()
-        _cache.set(_CATALOG, catalog)
-    return catalog
+    return _snapshot.get()
 
 
-async def catalog_get_async() -> Catalog:
+def catalog_get_async() -> Coroutine[Any, Any, Catalog]:
     """Like ``catalog_get`` without blocking the event loop on a miss."""
-    catalog = _cache.get(_CATALOG)
-    if catalog is None:
-        catalog = await sync_to_async(catalog_load)()
-        _cache.set(_CATALOG, catalog)
-    return catalog
+    return _snapshot.get_async()
 
 
 def catalog_invalidate() -> None:
     """Drop the catalog here and, within the sync interval, on every worker."""
-    _cache.invalidate()
+    _snapshot.invalidate()
 
 
 def catalog_invalidate_on_commit() -> None:
@@ -198,4 +188,4 @@ def catalog_invalidate_on_commit() -> None:
     (``CacheUnavailable``, 503) instead of leaving other workers on the old catalog, and again once
     committed. Explicit rather than a ``post_save`` signal: a ``QuerySet.update()`` fires none.
     """
-    _cache.invalidate_on_commit()
+    _snapshot.invalidate_on_commit()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any
@@ -24,10 +24,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
-from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from apiforge.local_cache import SyncedLocalCache
+from apiforge.local_cache import SyncedSnapshot
 from proxy.edge.balance import Balancer
 from proxy.edge.breaker import BreakerPolicy
 
@@ -302,26 +301,17 @@ def gateway_load() -> Gateway:
     return Gateway(routes=tuple(entries))
 
 
-_cache: SyncedLocalCache[Gateway] = SyncedLocalCache("proxy-gateway", ttl=300.0)
-_GATEWAY = "gateway"
+_snapshot: SyncedSnapshot[Gateway] = SyncedSnapshot("proxy-gateway", lambda: gateway_load(), ttl=300.0)
 
 
 def gateway_get() -> Gateway:
     """The current route catalog (memory; database only after an invalidation or TTL)."""
-    gateway = _cache.get(_GATEWAY)
-    if gateway is None:
-        gateway = gateway_load()
-        _cache.set(_GATEWAY, gateway)
-    return gateway
+    return _snapshot.get()
 
 
-async def gateway_get_async() -> Gateway:
+def gateway_get_async() -> Coroutine[Any, Any, Gateway]:
     """Like ``gateway_get`` without blocking the event loop on a miss."""
-    gateway = _cache.get(_GATEWAY)
-    if gateway is None:
-        gateway = await sync_to_async(gateway_load)()
-        _cache.set(_GATEWAY, gateway)
-    return gateway
+    return _snapshot.get_async()
 
 
 _reloaded_at = 0.0
@@ -338,20 +328,18 @@ async def gateway_reload_lapsed() -> Gateway | None:
     if now - _reloaded_at < LAPSED_RELOAD_INTERVAL_S:
         return None
     _reloaded_at = now
-    gateway = await sync_to_async(gateway_load)()
-    _cache.set(_GATEWAY, gateway)
-    return gateway
+    return await _snapshot.reload_async()
 
 
 def gateway_invalidate() -> None:
     """Drop the route catalog here and, within the sync interval, on every worker."""
-    _cache.invalidate()
+    _snapshot.invalidate()
 
 
 def gateway_invalidate_on_commit() -> None:
     """For every write of a route or its targets, inside its transaction (the route services call it);
     see ``SyncedLocalCache.invalidate_on_commit``."""
-    _cache.invalidate_on_commit()
+    _snapshot.invalidate_on_commit()
 
 
 # --- Matching -----------------------------------------------------------------

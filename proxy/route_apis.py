@@ -38,6 +38,7 @@ from rest_framework.views import APIView
 from apiforge.audit import audit_context
 from apiforge.errors import ErrorResponseSerializer
 from apiforge.permissions import ModelAction, staff_has_model_perm
+from apiforge.serializers import StrictFieldsMixin
 from keys.authentication import ApiKeyAuthentication
 from keys.policy import KeyPolicy
 from proxy.models import Route, RouteTarget
@@ -74,28 +75,6 @@ _REFUSED = OpenApiResponse(
     description="Not allowed: a missing permission; or, for an API key, a route its allowed_routes does not "
     "name, a target outside ROUTE_TARGET_ALLOWLIST, or registration by key turned off.",
 )
-
-
-class _StrictFieldsMixin(serializers.Serializer):
-    """Refuse fields the operation does not accept with a field error each (a misspelt ``ttl`` must not pass)."""
-
-    refuses_unknown_fields = True  # additionalProperties false in the schema (apiforge/schema.py)
-
-    def to_internal_value(self, data: Any) -> Any:
-        errors: dict[str, Any] = {}
-        if isinstance(data, Mapping):
-            accepted = {field.field_name for field in self._writable_fields}
-            errors.update({name: ["Unknown or read-only field."] for name in data if name not in accepted})
-        try:
-            value = super().to_internal_value(data)
-        except serializers.ValidationError as exc:
-            if not isinstance(exc.detail, dict):
-                raise
-            errors = {**exc.detail, **errors}
-            value = None
-        if errors:
-            raise serializers.ValidationError(errors)
-        return value
 
 
 # --- JSON fields, documented by shape; ``proxy.route_services`` validates them ----------------------------
@@ -187,7 +166,7 @@ class RouteTargetSerializer(serializers.ModelSerializer[RouteTarget]):
         }
 
 
-class RouteTargetWriteSerializer(_StrictFieldsMixin, serializers.Serializer):
+class RouteTargetWriteSerializer(StrictFieldsMixin, serializers.Serializer):
     url = serializers.CharField(
         max_length=500,
         help_text="The target's base URL: http or https, no user info, query or fragment (e.g. "
@@ -309,7 +288,7 @@ _REGISTER_HELP = (
 
 
 @extend_schema_serializer(component_name="RouteDefinition")
-class RouteWriteSerializer(_StrictFieldsMixin, serializers.ModelSerializer[Route]):
+class RouteWriteSerializer(StrictFieldsMixin, serializers.ModelSerializer[Route]):
     """A register body (a PATCH: the fields to change). The rules beyond shapes are ``route_validate``'s."""
 
     name = serializers.SlugField(max_length=64, help_text="Unique slug; what keys name in allowed_routes.")
@@ -377,7 +356,7 @@ class RouteWriteSerializer(_StrictFieldsMixin, serializers.ModelSerializer[Route
         }
 
 
-class UnregisterSerializer(_StrictFieldsMixin, serializers.Serializer):
+class UnregisterSerializer(StrictFieldsMixin, serializers.Serializer):
     name = serializers.CharField(max_length=64, help_text="The route's name.")
 
 

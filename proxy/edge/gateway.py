@@ -23,8 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import Any, cast
+from collections.abc import AsyncIterator
+from typing import cast
 from urllib.parse import quote
 
 import aiohttp
@@ -39,6 +39,7 @@ from keys.verification import KeyRefused, key_verify_async
 from proxy.edge import breaker
 from proxy.edge.account import account
 from proxy.edge.authenticate import REFUSALS
+from proxy.edge.exchange import Header, Receive, Scope, Send
 from proxy.edge.jwt_auth import jwt_authenticate
 from proxy.errors import ProxyError, internal_error, not_found, secret_blank, service_unavailable
 from proxy.gateway_catalog import (
@@ -54,11 +55,6 @@ from proxy.upstream_client import upstream_session
 
 logger = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-Header = tuple[bytes, bytes]
 
 GATEWAY_PREFIX = "/gw"
 # Never passed on, either way (RFC 9110 7.6.1), plus what we set ourselves.
