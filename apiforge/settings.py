@@ -17,6 +17,7 @@ import sys
 import tempfile
 from datetime import timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import environ
 
@@ -351,7 +352,16 @@ BREAKER_MIN_REQUESTS = env.int("BREAKER_MIN_REQUESTS", default=20)
 # Active health checks of route targets with a health_check (one prober per target and interval across all
 # workers, through a shared lock); off: only passive checks (the breakers).
 HEALTH_CHECKS = env.bool("HEALTH_CHECKS", default=True)
-# --- Rate limits, concurrency, budgets (proxy/edge/limits.py; issue 12, not yet enforced on the hot path) -----
+# --- Rate limits, concurrency, budgets (proxy/edge/limits.py, proxy/edge/admit.py) -----------------------
+# Budget periods (day, month) roll at midnight / on the first of the month in this IANA time zone.
+BUDGET_TIMEZONE = env.str("BUDGET_TIMEZONE", default="UTC")
+try:
+    ZoneInfo(BUDGET_TIMEZONE)
+except (ZoneInfoNotFoundError, ValueError):
+    raise environ.ImproperlyConfigured(f"BUDGET_TIMEZONE={BUDGET_TIMEZONE!r} is not an IANA time zone (e.g. Europe/Paris).")
+# How often the beat task proxy.limits_reconcile rebuilds the budget counters from the ledger (lost ones after a
+# Redis flush or restart, or counts below the ledger's); in-process without a broker.
+RATE_LIMIT_RECONCILE_S = env.float("RATE_LIMIT_RECONCILE_S", default=60.0)
 # Redis unreachable: serve (true, logged once per interval, counted) or refuse with 429 rate_limiter_unavailable.
 RATE_LIMIT_FAIL_OPEN = env.bool("RATE_LIMIT_FAIL_OPEN", default=True)
 # The limiter's Redis calls give up after this (the request path never waits for a TCP timeout).

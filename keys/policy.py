@@ -27,6 +27,24 @@ class KeyPolicy:
     budget_tokens: int | None
     budget_cost: Decimal | None
     budget_period: BudgetPeriod
+    # The owner's own limits (``accounts.User``), shared by all their keys: a developer with many keys cannot
+    # multiply their quota.
+    user_rpm_limit: int | None = None
+    user_budget_cost: Decimal | None = None
+    user_budget_period: BudgetPeriod = "month"
+
+    @property
+    def limited(self) -> bool:
+        """Whether any rate limit, concurrency limit or budget applies to this key's calls."""
+        return (
+            self.rpm_limit is not None
+            or self.tpm_limit is not None
+            or self.max_concurrency is not None
+            or self.budget_tokens is not None
+            or self.budget_cost is not None
+            or self.user_rpm_limit is not None
+            or self.user_budget_cost is not None
+        )
 
     def allows_model(self, name: str) -> bool:
         return not self.allowed_models or name in self.allowed_models

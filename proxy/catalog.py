@@ -80,6 +80,12 @@ class ModelTarget:
     output_price_per_1k: Decimal
     created: int
     balancer: Balancer[DeploymentTarget]
+    # Caps that protect the upstream account's own quota, across every key (None: none).
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    # The completion tokens a call is assumed to use when it names no max_tokens (what TPM and budgets reserve
+    # before the call; the real figure replaces it after).
+    output_tokens_estimate: int = 256
 
     def pick(self, exclude: Set[str] = frozenset()) -> DeploymentTarget | None:
         """The next deployment (``Model.balancer``'s way), skipping the ``exclude``d keys and the deployments

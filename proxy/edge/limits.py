@@ -11,7 +11,10 @@ all-or-nothing: if one refuses, nothing is reserved for the others. Kinds:
   expired ones are purged on every check, so a crashed worker's slots come back by themselves.
   ``release(decision)`` frees them, ``renew(decision)`` extends them (long streams).
 - ``budget``: a counter per period (``period_end`` epoch seconds; the counter's key carries the period
-  start, ``period_end - window_s``); refuses when spent + amount > limit.
+  start, ``period_end - window_s``); admits while spent (reservations included) < limit, so a nearly spent
+  budget still serves one call, and refuses once it is reached. Each admitted call reserves ``amount`` (its
+  estimate), which calls at the same time see: however many arrive at once, the overshoot stays below one
+  call's reservation, plus whatever calls use beyond their reservation (none when the estimate holds).
 
 ``settle(decision, actual)`` reconciles a reservation with the real usage: it refunds or charges the
 difference on token and budget limits (``actual`` maps a limit's key to what was really used) and releases
@@ -222,7 +225,7 @@ class InProcessLimiter:
                     end = limit.period_end or now
                     u = self._budgets.get(key, (0.0, end))[0]
                     reset = end - now
-                    if refused < 0 and u + limit.amount > limit.limit:
+                    if refused < 0 and u >= limit.limit:
                         refused, retry = i, end - now
                 used.append(u)
                 resets.append(reset)
@@ -278,9 +281,9 @@ class InProcessLimiter:
 # seconds left in the period), key TTL (s).
 # Phase 1 reads (and purges) every counter: a window's hash holds one field per 1-second bucket, fields of
 # seconds before floor(now) - window are deleted; a concurrency sorted set loses leases scored (expiry) <= now;
-# a budget is a float string. The first limit where used + amount > limit refuses; its retry is when enough of the
-# oldest buckets
-# leave the window (windows), 1 s (concurrency), the period's end (budgets).
+# a budget is a float string. The first window or concurrency limit where used + amount > limit, or budget where
+# used >= limit, refuses; its retry is when enough of the oldest buckets leave the window (windows), 1 s
+# (concurrency), the period's end (budgets).
 # Phase 2, only when nothing refused: reserve amount on every limit (HINCRBYFLOAT of the bucket floor(now),
 # ZADD of the lease members at now + lease TTL, INCRBYFLOAT) and (re)set each key's TTL.
 # Returns {allowed 0/1, refused index (1-based, 0 none), retry, then used and reset per limit}, numbers as
@@ -325,7 +328,7 @@ for i = 1, #KEYS do
   else
     u = tonumber(redis.call('GET', key) or '0')
     reset = window
-    if refused == 0 and u + amount > limit then refused, retry = i, window end
+    if refused == 0 and u >= limit then refused, retry = i, window end
   end
   used[i], resets[i] = u, reset
 end
