@@ -358,7 +358,9 @@ BUDGET_TIMEZONE = env.str("BUDGET_TIMEZONE", default="UTC")
 try:
     ZoneInfo(BUDGET_TIMEZONE)
 except (ZoneInfoNotFoundError, ValueError):
-    raise environ.ImproperlyConfigured(f"BUDGET_TIMEZONE={BUDGET_TIMEZONE!r} is not an IANA time zone (e.g. Europe/Paris).")
+    raise environ.ImproperlyConfigured(
+        f"BUDGET_TIMEZONE={BUDGET_TIMEZONE!r} is not an IANA time zone (e.g. Europe/Paris)."
+    )
 # How often the beat task proxy.limits_reconcile rebuilds the budget counters from the ledger (lost ones after a
 # Redis flush or restart, or counts below the ledger's); in-process without a broker.
 RATE_LIMIT_RECONCILE_S = env.float("RATE_LIMIT_RECONCILE_S", default=60.0)

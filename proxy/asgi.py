@@ -62,6 +62,14 @@ async def proxy_app(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 async def _send(response: ProxyResponse, request_id: bytes, receive: Receive, send: Send) -> None:
+    try:
+        await _send_answer(response, request_id, receive, send)
+    finally:
+        if response.closed is not None:
+            response.closed()
+
+
+async def _send_answer(response: ProxyResponse, request_id: bytes, receive: Receive, send: Send) -> None:
     headers = answer_headers(response, request_id)
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     if response.stream is None:

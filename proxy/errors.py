@@ -39,6 +39,7 @@ class ProxyError(Exception):
         code: str,
         param: str | None = None,
         headers: tuple[tuple[bytes, bytes], ...] = (),
+        error_type: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -46,10 +47,12 @@ class ProxyError(Exception):
         self.code = code
         self.param = param
         self.headers = headers
+        self._type = error_type
 
     @property
     def error_type(self) -> str:
-        return _TYPES.get(self.status, "api_error")
+        """OpenAI's ``type``: by status, unless given (e.g. ``insufficient_quota``, OpenAI's own for a 429)."""
+        return self._type or _TYPES.get(self.status, "api_error")
 
     def payload(self) -> dict[str, dict[str, str | None]]:
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the proxy's runtime state: ``apiforge_breaker_state{key}``.
+"""Prometheus metrics of the proxy's runtime state: ``apiforge_breaker_state{key}``, and the limiter's counters
+``apiforge_ratelimit_rejections_total{limit}`` and ``apiforge_ratelimit_unavailable_total{outcome}``.
 
 0 closed, 1 half-open, 2 open, per breaker key (``dep:<id>`` for a model deployment, ``rt:<id>`` for a route
 target); set in each worker whenever its view of a breaker changes (``breaker_listener_register``; the sync's
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
 from proxy.edge.breaker import breaker_listener_register
 
@@ -36,3 +37,14 @@ def _breaker_changed(key: str, state: int) -> None:
 def breaker_metrics_register() -> None:
     """Keep the gauge in step with this process's breakers (the lifespan start; once is enough)."""
     breaker_listener_register(_breaker_changed)
+
+
+# Calls refused by a limit (proxy.edge.admit), by which: key_rpm, key_tpm, key_concurrency, key_budget_tokens,
+# key_budget_cost, user_rpm, user_budget_cost, model_rpm, model_tpm, route_rpm.
+RATELIMIT_REJECTIONS = Counter(
+    "apiforge_ratelimit_rejections", "Calls refused with a 429 by a rate limit, concurrency limit or budget.", ["limit"]
+)
+# Calls that met an unreachable limiter (Redis): served anyway ("open", RATE_LIMIT_FAIL_OPEN) or refused ("closed").
+RATELIMIT_UNAVAILABLE = Counter(
+    "apiforge_ratelimit_unavailable", "Calls the limiter could not check (its Redis unreachable).", ["outcome"]
+)

@@ -36,3 +36,6 @@ class ProxyResponse:
     # Called when the client goes away mid-stream: closes the upstream connection.
     abort: Callable[[], None] | None = None
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    # Called once the answer is over however it ended (``proxy.asgi``): a stream's limits settle here when the
+    # relay never ran (the client left before the first byte).
+    closed: Callable[[], None] | None = None

@@ -15,6 +15,8 @@ Stages (the ``/v1/`` pipeline's, with a matcher and a forwarder of their own):
 - answer: the target's status, headers (hop-by-hop dropped, the route's response transforms, ``Deprecation``
   / ``Sunset`` for a deprecated route) and body, streamed in bounded memory; no target able to answer: the
   route's ``fallback``, else 503 with ``Retry-After``;
+- admit: the route's ``rate_limit_rpm`` (per key, per user for ``jwt``, per client IP for ``none``) and the key's
+  own requests and concurrency limits (``proxy.edge.admit``); a refusal is a 429 with ``Retry-After``;
 - account: one usage event per call, like ``/v1/`` (route, target, status, bytes, latency).
 """
 
@@ -35,9 +37,10 @@ from apiforge.request_id import request_id_from, request_id_var
 from apiforge.unavailable import DATABASE_ERRORS
 from gateway_stats.usage import UsageEvent
 from keys.hashing import key_secret_plausible
-from keys.verification import KeyRefused, key_verify_async
+from keys.verification import KeyPolicy, KeyRefused, key_verify_async
 from proxy.edge import breaker
 from proxy.edge.account import account
+from proxy.edge.admit import Admission, admit_route
 from proxy.edge.authenticate import REFUSALS
 from proxy.edge.exchange import Header, Receive, Scope, Send
 from proxy.edge.jwt_auth import jwt_authenticate
@@ -166,8 +169,8 @@ def _presented_key(seen: dict[bytes, bytes]) -> str | None:
 
 async def _authenticate(
     route: RouteEntry, seen: dict[bytes, bytes], client_ip: str | None, event: UsageEvent
-) -> list[Header]:
-    """Check the route's credential; the identity headers the target receives."""
+) -> tuple[list[Header], KeyPolicy | None]:
+    """Check the route's credential; the identity headers the target receives, and the key's policy."""
     if route.auth == "key":
         secret = _presented_key(seen)
         if not secret:
@@ -186,12 +189,16 @@ async def _authenticate(
         event.user_id = policy.owner_id
         if not policy.allows_route(route.name):
             raise ProxyError(403, f"This API key may not use the route {route.name!r}.", code="route_not_allowed")
-        return []
+        return [], policy
     if route.auth == "jwt":
         user = await jwt_authenticate(seen.get(b"authorization"))
         event.user_id = user.id
-        return [(b"x-authenticated-user", user.username.encode()), (b"x-authenticated-user-id", str(user.id).encode())]
-    return []
+        identity = [
+            (b"x-authenticated-user", user.username.encode()),
+            (b"x-authenticated-user-id", str(user.id).encode()),
+        ]
+        return identity, None
+    return [], None
 
 
 def _forward_headers(
@@ -255,7 +262,7 @@ def _answer_headers(response: aiohttp.ClientResponse, route: RouteEntry, request
     return headers
 
 
-def _unavailable(route: RouteEntry, request_id: bytes) -> tuple[int, list[Header], bytes]:
+def _unavailable(route: RouteEntry, request_id: bytes, limit_headers: list[Header]) -> tuple[int, list[Header], bytes]:
     """No target can answer: the route's fallback, else 503 with ``Retry-After`` (until the soonest half-open)."""
     if route.fallback is not None:
         fallback = route.fallback
@@ -265,6 +272,7 @@ def _unavailable(route: RouteEntry, request_id: bytes) -> tuple[int, list[Header
             (b"x-request-id", request_id),
             (b"content-length", str(len(fallback.body)).encode()),
             *route.deprecation_headers,
+            *limit_headers,
         ]
         return fallback.status, headers, fallback.body
     retry_after = _RETRY_AFTER_DEFAULT_S
@@ -278,7 +286,7 @@ def _unavailable(route: RouteEntry, request_id: bytes) -> tuple[int, list[Header
         code="no_healthy_upstream",
         headers=((b"retry-after", str(retry_after).encode()),),
     )
-    return _error(error, request_id)
+    return _error(error, request_id, tuple(limit_headers))
 
 
 async def gateway_app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -294,19 +302,26 @@ async def gateway_app(scope: Scope, receive: Receive, send: Send) -> None:
         request_id=request_id_text, endpoint=scope["path"], status=0, method=method, client_ip=client_ip or ""
     )
     started = time.perf_counter()
+    admitted: list[Admission] = []  # the call's reservation on its limits, once admitted (``_serve``)
     try:
         try:
-            await _serve(scope, receive, send, raw, seen, length, chunked, request_id, client_ip, event, started)
+            await _serve(
+                scope, receive, send, raw, seen, length, chunked, request_id, client_ip, event, started, admitted
+            )
         except ProxyError as error:
             error.message = secret_blank(error.message, _presented_key(seen))
             event.error_code = error.code
-            await _send_whole(send, *_error(error, request_id), event)
+            extra = tuple(admitted[0].headers) if admitted else ()
+            await _send_whole(send, *_error(error, request_id, extra), event)
         except Exception as exc:
             failure = service_unavailable() if isinstance(exc, DATABASE_ERRORS) else internal_error()
             if not isinstance(exc, DATABASE_ERRORS):
                 logger.exception("unexpected error on the gateway path")
             event.error_code = failure.code
             await _send_whole(send, *_error(failure, request_id), event)
+        finally:
+            if admitted:
+                admitted[0].finish(event)
         account(event, started)
     finally:
         request_id_var.reset(token)
@@ -331,6 +346,7 @@ async def _serve(
     client_ip: str | None,
     event: UsageEvent,
     started: float,
+    admitted: list[Admission],
 ) -> None:
     method = event.method
     gateway = await gateway_get_async()
@@ -353,7 +369,14 @@ async def _serve(
     match = cast(RouteMatch, found)
     route = match.route
     event.route = route.name
-    identity = await _authenticate(route, seen, client_ip, event)
+    identity, policy = await _authenticate(route, seen, client_ip, event)
+    admission = await admit_route(
+        route.name, route.rate_limit_rpm, policy, event.user_id if route.auth == "jwt" else None, client_ip
+    )
+    limit_headers: list[Header] = []
+    if admission is not None:
+        admitted.append(admission)
+        limit_headers = admission.headers
     if length == -1 or (route.max_body_bytes is not None and length is not None and length > route.max_body_bytes):
         raise ProxyError(413, "The request body is larger than this route allows.", code="request_too_large")
     upload = _Upload(receive, route.max_body_bytes)
@@ -437,11 +460,13 @@ async def _serve(
                 response.release()
                 last_failure, target = None, following
                 continue
-        await _relay(response, route, target, request_id, receive, send, event, started, call_started, upload)
+        await _relay(
+            response, route, target, request_id, receive, send, event, started, call_started, upload, limit_headers
+        )
         return
     if last_failure is not None and route.fallback is None:
         raise last_failure
-    status, answer_headers, answer = _unavailable(route, request_id)
+    status, answer_headers, answer = _unavailable(route, request_id, limit_headers)
     if status == 503:
         event.error_code = "no_healthy_upstream"
     await _send_whole(send, status, answer_headers, answer, event)
@@ -464,6 +489,7 @@ async def _relay(
     started: float,
     call_started: float,
     upload: _Upload,
+    limit_headers: list[Header],
 ) -> None:
     """Pass the target's answer on: whole when small and sized, else streamed (the client leaving closes it)."""
     status = response.status
@@ -471,6 +497,7 @@ async def _relay(
     ok: bool | None = status < 500
     event.ttfb_ms = (time.perf_counter() - started) * 1000
     headers = _answer_headers(response, route, request_id)
+    headers.extend(limit_headers)
     length = response.content_length
     try:
         if length is not None and length <= _SMALL_ANSWER:

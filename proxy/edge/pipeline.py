@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 import time
 from functools import partial
+from typing import Any
 
 from apiforge.unavailable import DATABASE_ERRORS
 from gateway_stats.usage import UsageEvent
-from keys.verification import KeyPolicy
-from proxy.catalog import DeploymentTarget, ModelTarget, catalog_get_async
+from proxy.catalog import Catalog, DeploymentTarget, ModelTarget, catalog_get_async
 from proxy.edge.account import account
-from proxy.edge.admit import admit
+from proxy.edge.admit import Admission, admit_call, admit_listing
 from proxy.edge.authenticate import authenticate, model_target
 from proxy.edge.endpoints import Endpoint, endpoint_for
 from proxy.edge.exchange import ProxyRequest, ProxyResponse
@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 
 
 async def proxy_handle(request: ProxyRequest) -> ProxyResponse:
-    """Answer one proxy request: route, authenticate, admit, then forward (or list models); account."""
+    """Answer one proxy request: route, authenticate, validate, admit (the limits: ``proxy.edge.admit``), then
+    forward (or list models); settle the limits and account."""
     event = UsageEvent(
         request_id=request.request_id,
         endpoint=request.path,
@@ -47,13 +48,19 @@ async def proxy_handle(request: ProxyRequest) -> ProxyResponse:
         request_bytes=len(request.body),
     )
     started = time.perf_counter()
+    admission: Admission | None = None
     try:
         endpoint = endpoint_for(request.method, request.path)
         policy = await authenticate(request, event)
-        admit(policy, event)
         if endpoint.required:
-            response = await _forward(request, endpoint, policy, event, started)
+            payload = payload_parse(request.body, endpoint.required)
+            catalog = await catalog_get_async()
+            target = model_target(catalog, policy, payload["model"])
+            event.model = target.name
+            admission = await admit_call(policy, target, payload, len(request.body), endpoint.name)
+            response = await _forward(endpoint, payload, catalog, target, event, started, admission)
         else:
+            admission = await admit_listing(policy)
             response = await models_answer(request.path, policy)
     except ProxyError as error:
         response = _error_response(error, request.api_key)
@@ -62,28 +69,36 @@ async def proxy_handle(request: ProxyRequest) -> ProxyResponse:
         failure = _unexpected_error(exc)
         response = _error_response(failure)
         event.error_code = failure.code
+    if admission is not None:
+        response.headers.extend(admission.headers)
     if response.stream is None:  # a stream accounts for itself when it ends (relay)
         event.status = response.status
         event.response_bytes = len(response.body)
+        if admission is not None:
+            admission.finish(event)
         account(event, started)
+    elif admission is not None:  # the relay settles at the stream's end; this catches a stream never started
+        response.closed = partial(admission.finish, event)
     return response
 
 
 async def _forward(
-    request: ProxyRequest, endpoint: Endpoint, policy: KeyPolicy, event: UsageEvent, started: float
+    endpoint: Endpoint,
+    payload: dict[str, Any],
+    catalog: Catalog,
+    target: ModelTarget,
+    event: UsageEvent,
+    started: float,
+    admission: Admission | None,
 ) -> ProxyResponse:
-    """Validate, pick a deployment, send; on a retryable failure the next deployment, then the fallbacks.
+    """Pick a deployment, send; on a retryable failure the next deployment, then the fallbacks.
 
     Every attempt's end goes to the balancer (a stream's when it ends: ``relay``), so a failing deployment's
     breaker opens and later picks pass it by; when every deployment of the model and its fallbacks is refused
     by its breaker, the answer is 503 ``no_healthy_upstream`` with ``Retry-After`` (the soonest half-open).
     """
-    payload = payload_parse(request.body, endpoint.required)
-    catalog = await catalog_get_async()
-    target = model_target(catalog, policy, payload["model"])
     stream = endpoint.streamable and bool(payload.get("stream"))
     keep_usage_chunk = stream and stream_usage_request(payload)
-    event.model = target.name
     event.stream = stream
     last_failure: UpstreamError | None = None
     tried_models = candidates(catalog, target)
@@ -118,9 +133,8 @@ async def _forward(
             if answer.pieces is None:
                 deployment_finished(candidate, deployment, True, time.perf_counter() - call_started)
                 return relay(answer, event, started, keep_usage_chunk)
-            return relay(
-                answer, event, started, keep_usage_chunk, partial(_stream_ended, candidate, deployment, call_started)
-            )
+            ended = partial(_stream_ended, candidate, deployment, call_started, admission, event)
+            return relay(answer, event, started, keep_usage_chunk, ended)
     if last_failure is not None:
         raise last_failure
     wait = retry_after_s(tried_models)
@@ -133,10 +147,18 @@ async def _forward(
 
 
 def _stream_ended(
-    target: ModelTarget, deployment: DeploymentTarget, call_started: float, ok: bool | None, first_byte_at: float
+    target: ModelTarget,
+    deployment: DeploymentTarget,
+    call_started: float,
+    admission: Admission | None,
+    event: UsageEvent,
+    ok: bool | None,
+    first_byte_at: float,
 ) -> None:
     # A stream's latency, for the balancer, is its time to first byte (its length is the client's choice).
     deployment_finished(target, deployment, ok, first_byte_at - call_started)
+    if admission is not None:  # its usage is known now: settle, and free its concurrency slot
+        admission.finish(event)
 
 
 def _error_response(error: ProxyError, api_key: str | None = None) -> ProxyResponse:
