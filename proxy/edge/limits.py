@@ -49,7 +49,7 @@ import time
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 from django.conf import settings
 
@@ -274,6 +274,28 @@ class InProcessLimiter:
                     for m in _lease_members(decision.lease or "", limit.amount):
                         if m in members:
                             members[m] = expiry
+
+    # Budget counters read and raised directly (proxy.limit_reconcile rebuilds them from the ledger).
+
+    async def budget_counters_get(self, keys: Sequence[str]) -> BudgetCounters:
+        with self._lock:
+            return BudgetCounters({key: self._budgets[key][0] if key in self._budgets else None for key in keys})
+
+    async def budget_counters_raise(self, targets: Sequence[tuple[Limit, float]], now: float) -> BudgetCounters:
+        previous: dict[str, float | None] = {}
+        with self._lock:
+            for limit, value in targets:
+                key = limit.counter_key()
+                found = self._budgets.get(key)
+                previous[key] = None if found is None else found[0]
+                if found is None or found[0] < value:
+                    self._budgets[key] = (value, limit.period_end or now)
+        return BudgetCounters(previous)
+
+    async def budget_counter_set(self, limit: Limit, value: float, now: float) -> bool:
+        with self._lock:
+            self._budgets[limit.counter_key()] = (value, limit.period_end or now)
+        return True
 
 
 # The admit script. KEYS[i]: limit i's counter. ARGV[1] now (epoch s, float), ARGV[2] lease id, ARGV[3] lease
@@ -520,6 +542,74 @@ class RedisLimiter:
         if with_loop is not None:
             await with_loop[0].aclose()
 
+    # Budget counters read and raised directly (proxy.limit_reconcile rebuilds them from the ledger). Same breaker
+    # as admit: unavailable at once while it is open, a failure opens it (one WARNING per interval).
+
+    def _budget_timeout(self) -> float:
+        return _connect_timeout() + settings.RATE_LIMIT_REDIS_TIMEOUT_S * 4 + 0.05
+
+    async def budget_counters_get(self, keys: Sequence[str]) -> BudgetCounters:
+        if not keys:
+            return BudgetCounters({})
+        if not self._available():
+            return BudgetCounters({}, unavailable=True)
+        prefix = self._prefix()
+        try:
+            client, _, _ = self._client()
+            async with asyncio.timeout(self._budget_timeout()):
+                pipe = client.pipeline(transaction=False)  # one round trip, MGETs of _BUDGET_CHUNK keys
+                for start in range(0, len(keys), _BUDGET_CHUNK):
+                    pipe.mget([prefix + key for key in keys[start : start + _BUDGET_CHUNK]])
+                replies = await pipe.execute()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._failed(exc)
+            return BudgetCounters({}, unavailable=True)
+        values = [value for reply in replies for value in reply]
+        return BudgetCounters({key: None if v is None else float(v) for key, v in zip(keys, values, strict=True)})
+
+    async def budget_counters_raise(self, targets: Sequence[tuple[Limit, float]], now: float) -> BudgetCounters:
+        if not targets:
+            return BudgetCounters({})
+        if not self._available():
+            return BudgetCounters({}, unavailable=True)
+        prefix = self._prefix()
+        keys = [limit.counter_key() for limit, _ in targets]
+        args: list[Any] = []
+        for limit, value in targets:
+            args += [repr(float(value)), _budget_ttl(limit, now)]
+        try:
+            client, _, _ = self._client()
+            script = client.register_script(_RAISE_LUA)
+            async with asyncio.timeout(self._budget_timeout()):
+                pipe = client.pipeline(transaction=False)  # one round trip; each chunk atomic on its own
+                for start in range(0, len(keys), _BUDGET_CHUNK):
+                    chunk = [prefix + key for key in keys[start : start + _BUDGET_CHUNK]]
+                    await script(keys=chunk, args=args[2 * start : 2 * (start + _BUDGET_CHUNK)], client=pipe)
+                replies = await pipe.execute()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._failed(exc)
+            return BudgetCounters({}, unavailable=True)
+        values = [value for reply in replies for value in reply]
+        return BudgetCounters({key: None if v == "-" else float(v) for key, v in zip(keys, values, strict=True)})
+
+    async def budget_counter_set(self, limit: Limit, value: float, now: float) -> bool:
+        if not self._available():
+            return False
+        try:
+            client, _, _ = self._client()
+            async with asyncio.timeout(self._budget_timeout()):
+                await client.set(self._prefix() + limit.counter_key(), repr(float(value)), ex=_budget_ttl(limit, now))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._failed(exc)
+            return False
+        return True
+
 
 _in_process = InProcessLimiter()
 _redis_limiters: dict[str, RedisLimiter] = {}
@@ -568,3 +658,61 @@ async def renew(decision: Decision, now: float | None = None) -> None:
     if not decision.allowed or decision.backend is None or decision.lease is None:
         return
     await decision.backend.renew(decision, time.time() if now is None else now)
+
+
+# --- Budget counters read and raised directly: proxy.limit_reconcile rebuilds them from the ledger -----------
+
+# Counters per MGET / per raise script call (a pipeline sends them all in one round trip).
+_BUDGET_CHUNK = 500
+
+# The raise script. KEYS[i]: a budget counter; ARGV[2i - 1] the value it must hold at least, ARGV[2i] its TTL (s).
+# A counter missing or below its value is set to it (with the TTL); one at or above it is left alone, so a
+# reservation or a charge made since the caller read it is never lost. Returns each counter's previous value
+# as a string, "-" for a missing one.
+_RAISE_LUA = """
+local out = {}
+for i = 1, #KEYS do
+  local value, ttl = ARGV[2 * i - 1], ARGV[2 * i]
+  local was = redis.call('GET', KEYS[i])
+  if not was or tonumber(was) < tonumber(value) then redis.call('SET', KEYS[i], value, 'EX', ttl) end
+  out[i] = was or '-'
+end
+return out
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetCounters:
+    """Budget counters by counter key (``Limit.counter_key()``): their values, None for a missing one. When the
+    limiter's Redis could not be asked, ``unavailable`` and no values."""
+
+    values: Mapping[str, float | None]
+    unavailable: bool = False
+
+
+def _budget_ttl(limit: Limit, now: float) -> int:
+    # What admit gives a budget counter: the seconds left in its period, plus a minute.
+    return max(1, math.ceil((limit.period_end or now) - now + 60))
+
+
+def _budget_backend() -> InProcessLimiter | RedisLimiter:
+    # limiter() answers one of the two (typed as the Protocol, which the admit path needs only).
+    return cast("InProcessLimiter | RedisLimiter", limiter())
+
+
+async def budget_counters_get(limits: Sequence[Limit]) -> BudgetCounters:
+    """The current values of these budget limits' counters (None: missing, which admit reads as 0). Never
+    raises for Redis: ``unavailable`` instead."""
+    return await _budget_backend().budget_counters_get([limit.counter_key() for limit in limits])
+
+
+async def budget_counters_raise(targets: Sequence[tuple[Limit, float]], now: float | None = None) -> BudgetCounters:
+    """Make each budget counter hold at least its value (a missing one is created with admit's TTL); counters
+    already at or above it are left alone. Atomic per counter: a reservation made meanwhile is kept whenever
+    the counter holds more than the value. Answers the previous values. Never raises for Redis."""
+    return await _budget_backend().budget_counters_raise(targets, time.time() if now is None else now)
+
+
+async def budget_counter_set(limit: Limit, value: float, now: float | None = None) -> bool:
+    """Set one budget counter to ``value`` (admit's TTL); False when the limiter's Redis is unavailable."""
+    return await _budget_backend().budget_counter_set(limit, value, time.time() if now is None else now)
