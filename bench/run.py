@@ -2,8 +2,10 @@
 
 By default it builds a whole throwaway stack and measures it:
 
-1. a SQLite database under /tmp, migrated, with one upstream, one model and one
-   API key (``bench/stack_seed.py``, run with the same ``SECRET_KEY`` as the server);
+1. a SQLite database under /tmp, migrated, with one upstream, one model, one route and two
+   API keys (``bench/stack_seed.py``, run with the same ``SECRET_KEY`` as the server): one
+   without limits and one whose rpm, tpm and concurrency limits never trigger (10,000,000 rpm,
+   10,000,000,000 tpm, 100,000 in flight), for the limited modes;
 2. the fake upstream ``bench/mock_upstream.py`` and wrk, pinned to ``--load-cpus`` (CPU 1);
 3. the gateway (``apiforge.asgi:application``) under ``--server`` with ``--workers``
    processes, pinned to ``--cpus`` (CPU 0 for one worker);
@@ -13,15 +15,28 @@ By default it builds a whole throwaway stack and measures it:
    and, in the ``gw`` mode, the non-streamed call through the generic route ``bench``
    (``/gw/bench/...``, key auth, the mock as its one target) instead of ``/v1/``,
    at concurrency ``-c`` and, with ``--c1-duration``, at concurrency 1;
+   the limited modes (``--modes limited,limited-stream``, and ``limited-gw``) make the
+   ``nonstream`` / ``stream`` / ``gw`` call with the limited key, each round running direct,
+   the unlimited key and the limited key (the last two swapped every other round), so the
+   limiter's cost is measured against the same rounds' unlimited key;
 5. a table (RPS, p50/p99, proxy/direct ratio, added latency, peak RSS of the
-   gateway's processes) and a ``RESULT`` line; then it stops what it started, by PID.
+   gateway's processes; in a limited mode's row the proxy is the limited key), with limited
+   modes a second one (limited key / unlimited key RPS ratio, added p50/p99: issue 12 asks
+   >= 0.75 non-stream and stream, <= 0.8 ms at c=1) and a ``RESULT`` line; then it stops what it
+   started, by PID.
+
+The limiter is in-process unless ``--redis URL`` (``--redis-url``) gives the gateway
+``REDIS_URL``: then its cache and limiter use that Redis (one round trip per limited call)
+under a ``CACHE_KEY_PREFIX`` of the run's own, whose keys are deleted at the end; the ledger
+is written as embedded unless ``--celery-worker`` consumes it from the Redis broker.
 
 ``--against URL --api-key K --model M`` measures an already running gateway
-instead (add ``--upstream URL`` for the direct side and ``--rss-pid`` for memory).
+instead (add ``--upstream URL`` for the direct side, ``--rss-pid`` for memory and
+``--limited-api-key K`` for the limited modes).
 
 Only the standard library, ``wrk`` and ``taskset``; the servers come from the
-virtualenv of the python running this script (``--venv`` to pick another).
-Figures from a shared 2-core machine are noisy: compare within one run.
+virtualenv of the python running this script (``--venv`` to pick another; its ``redis``
+client deletes a ``--redis`` run's keys). Figures from a shared 2-core machine are noisy: compare within one run.
 """
 
 from __future__ import annotations
@@ -31,6 +46,7 @@ import contextlib
 import http.client
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -218,9 +234,21 @@ class RssSampler:
 
 
 # --- load ---------------------------------------------------------------------------------------------
+BASE_MODES = ("nonstream", "stream", "gw")
+# A limited mode makes its base mode's call with the limited key (rpm + tpm + concurrency limits that never
+# trigger) and, in the same rounds, with the unlimited key: limited / unlimited is the limiter's cost.
+LIMITED_MODES = {"limited": "nonstream", "limited-stream": "stream", "limited-gw": "gw"}
+MODES = (*BASE_MODES, *LIMITED_MODES)
+
+
+def base_mode(mode: str) -> str:
+    """The call a mode makes: ``limited-stream`` makes the ``stream`` call (with the limited key)."""
+    return LIMITED_MODES.get(mode, mode)
+
+
 @dataclass(frozen=True)
 class Target:
-    name: str
+    name: str  # direct | proxy (the unlimited key) | limited (the limited key)
     url: str  # the full .../chat/completions URL
     api_key: str
     model: str
@@ -228,7 +256,12 @@ class Target:
     gw_url: str = ""
 
     def url_for(self, mode: str) -> str:
-        return self.gw_url if mode == "gw" and self.gw_url else self.url
+        return self.gw_url if base_mode(mode) == "gw" and self.gw_url else self.url
+
+
+def targets_for(mode: str, targets: list[Target]) -> list[Target]:
+    """Who a mode measures: direct and proxy, plus the limited key in the limited modes."""
+    return [target for target in targets if target.name != "limited" or mode in LIMITED_MODES]
 
 
 def chat_url(base: str) -> str:
@@ -273,6 +306,21 @@ def preflight(target: Target, url: str = "") -> float:
     if "choices" not in body or "usage" not in body:
         raise SystemExit(f"pre-flight {url}: unexpected answer {body!r:.300}")
     return (time.perf_counter() - started) * 1000
+
+
+def limiter_check(target: Target) -> str:
+    """The x-ratelimit-* headers of one answer to the limited key: whether the limiter checks its calls."""
+    data = json.dumps(chat_body(target.model, stream=False)).encode()
+    headers = {"content-type": "application/json", "authorization": f"Bearer {target.api_key}"}
+    request = urllib.request.Request(target.url, data=data, headers=headers)  # noqa: S310 - local URL
+    with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310
+        answer.read()
+        found = {
+            name.lower(): value for name, value in answer.headers.items() if name.lower().startswith("x-ratelimit")
+        }
+    if not found:
+        return "WARNING: no x-ratelimit-* headers in its answer: are its limits checked?"
+    return "limits checked: " + ", ".join(f"{name}={value}" for name, value in sorted(found.items()))
 
 
 def stream_check(target: Target) -> str:
@@ -323,28 +371,36 @@ class Series:
 def measure(args: argparse.Namespace, targets: list[Target], sampler: RssSampler | None) -> dict[str, Series]:
     """Warm-up, then alternating rounds, per pass (c, c=1) and mode; keyed "pass/mode/target"."""
     bodies: dict[tuple[str, str], Path] = {}
-    for target in targets:
-        for mode in args.modes:
+    for mode in args.modes:
+        for target in targets_for(mode, targets):
             path = args.workdir / f"body_{target.name}_{mode}.json"
-            path.write_text(json.dumps(chat_body(target.model, stream=mode == "stream")))
+            path.write_text(json.dumps(chat_body(target.model, stream=base_mode(mode) == "stream")))
             bodies[target.name, mode] = path
+    mode_width = max(9, *(len(mode) for mode in args.modes))
+    name_width = max(len(target.name) for target in targets)
     passes = [(f"c{args.concurrency}", args.concurrency, args.duration)]
     if args.c1_duration > 0:
         passes.append(("c1", 1, args.c1_duration))
     results: dict[str, Series] = {}
     for stage, concurrency, seconds in passes:
         for mode in args.modes:
-            for target in targets:
+            for target in targets_for(mode, targets):
                 if args.warmup > 0:
                     url = target.url_for(mode)
                     wrk(url, bodies[target.name, mode], target.api_key, concurrency, args.warmup, args.load_cpus)
             for round_number in range(1, args.rounds + 1):
-                for target in targets:
+                in_order = targets_for(mode, targets)
+                if round_number % 2 == 0 and len(in_order) == 3:
+                    # direct, unlimited, limited, then direct, limited, unlimited ...: a drift over the run (the
+                    # ledger growing, the VM's neighbours) favours neither key.
+                    in_order = [in_order[0], in_order[2], in_order[1]]
+                for target in in_order:
                     body = bodies[target.name, mode]
                     run = wrk(target.url_for(mode), body, target.api_key, concurrency, seconds, args.load_cpus)
                     results.setdefault(f"{stage}/{mode}/{target.name}", Series()).runs.append(run)
                     log(
-                        f"  {stage:<4} {mode:<9} round {round_number} {target.name:<6} rps={run['rps']:>9.1f} "
+                        f"  {stage:<4} {mode:<{mode_width}} round {round_number} {target.name:<{name_width}} "
+                        f"rps={run['rps']:>9.1f} "
                         f"p50={run['p50_ms']:>7.2f} ms p99={run['p99_ms']:>7.2f} ms errors={int(run['errors'])}"
                     )
     if sampler is not None:
@@ -352,9 +408,19 @@ def measure(args: argparse.Namespace, targets: list[Target], sampler: RssSampler
     return results
 
 
+def _pair(base: Series, other: Series) -> tuple[float, float, float]:
+    """other / base RPS, and other - base p50 and p99 (medians over rounds)."""
+    return (
+        other.median("rps") / base.median("rps"),
+        other.median("p50_ms") - base.median("p50_ms"),
+        other.median("p99_ms") - base.median("p99_ms"),
+    )
+
+
 def report(args: argparse.Namespace, results: dict[str, Series], sampler: RssSampler | None) -> dict[str, Any]:
+    mode_width = max(9, *(len(mode) for mode in args.modes))
     header = (
-        f"{'pass':<5} {'mode':<9} {'direct RPS':>10} {'proxy RPS':>10} {'proxy min..max':>15} {'ratio':>6} "
+        f"{'pass':<5} {'mode':<{mode_width}} {'direct RPS':>10} {'proxy RPS':>10} {'proxy min..max':>15} {'ratio':>6} "
         f"{'direct p50/p99 ms':>18} {'proxy p50/p99 ms':>18} {'added p50/p99 ms':>18} {'errors':>6}"
     )
     lines = [header, "-" * len(header)]
@@ -364,22 +430,21 @@ def report(args: argparse.Namespace, results: dict[str, Series], sampler: RssSam
     passes = dict.fromkeys(key.split("/")[0] for key in results)
     for stage in passes:
         for mode in args.modes:
-            proxy = results.get(f"{stage}/{mode}/proxy")
+            # A limited mode's row is the limited key against direct; the unlimited key is in the table below.
+            proxy = results.get(f"{stage}/{mode}/{'limited' if mode in LIMITED_MODES else 'proxy'}")
             direct = results.get(f"{stage}/{mode}/direct")
             if proxy is None:
                 continue
-            prefix = "" if stage != "c1" else "c1_"
-            result[f"{prefix}{mode}_rps"] = round(proxy.median("rps"), 1)
-            result[f"{prefix}{mode}_p50_ms"] = round(proxy.median("p50_ms"), 2)
-            result[f"{prefix}{mode}_errors"] = proxy.errors + (direct.errors if direct else 0)
+            prefix = ("" if stage != "c1" else "c1_") + mode.replace("-", "_")
+            result[f"{prefix}_rps"] = round(proxy.median("rps"), 1)
+            result[f"{prefix}_p50_ms"] = round(proxy.median("p50_ms"), 2)
+            result[f"{prefix}_errors"] = proxy.errors + (direct.errors if direct else 0)
             proxy_lat = f"{proxy.median('p50_ms'):.2f} / {proxy.median('p99_ms'):.2f}"
             if direct is not None:
-                ratio = proxy.median("rps") / direct.median("rps")
-                added50 = proxy.median("p50_ms") - direct.median("p50_ms")
-                added99 = proxy.median("p99_ms") - direct.median("p99_ms")
-                result[f"{prefix}{mode}_direct_rps"] = round(direct.median("rps"), 1)
-                result[f"{prefix}{mode}_ratio"] = round(ratio, 4)
-                result[f"{prefix}{mode}_added_p50_ms"] = round(added50, 2)
+                ratio, added50, added99 = _pair(direct, proxy)
+                result[f"{prefix}_direct_rps"] = round(direct.median("rps"), 1)
+                result[f"{prefix}_ratio"] = round(ratio, 4)
+                result[f"{prefix}_added_p50_ms"] = round(added50, 2)
                 direct_cols = (
                     f"{direct.median('rps'):>10.1f}",
                     f"{ratio:>6.3f}",
@@ -389,11 +454,14 @@ def report(args: argparse.Namespace, results: dict[str, Series], sampler: RssSam
             else:
                 direct_cols = (f"{'-':>10}", f"{'-':>6}", "-", "-")
             lines.append(
-                f"{stage:<5} {mode:<9} {direct_cols[0]} {proxy.median('rps'):>10.1f} {proxy.rps_range:>15} "
+                f"{stage:<5} {mode:<{mode_width}} {direct_cols[0]} {proxy.median('rps'):>10.1f} {proxy.rps_range:>15} "
                 f"{direct_cols[1]} {direct_cols[2]:>18} {proxy_lat:>18} {direct_cols[3]:>18} "
-                f"{result[f'{prefix}{mode}_errors']:>6}"
+                f"{result[f'{prefix}_errors']:>6}"
             )
     print("\n".join(lines))
+    limited_lines = limited_report(args, results, passes, result)
+    if limited_lines:
+        print("\n" + "\n".join(limited_lines))
     if sampler is not None:
         print("\nRSS of the gateway's processes (sampled every 0.5 s):")
         print("\n".join(sampler.lines()))
@@ -401,6 +469,48 @@ def report(args: argparse.Namespace, results: dict[str, Series], sampler: RssSam
         result["rss_procs"] = len(sampler.peak)
     print("RESULT " + " ".join(f"{key}={value}" for key, value in result.items()))
     return result
+
+
+def limited_report(
+    args: argparse.Namespace, results: dict[str, Series], passes: dict[str, None], result: dict[str, Any]
+) -> list[str]:
+    """The limited key against the unlimited key of the same rounds: the limiter's cost (issue 12's targets:
+    limited / unlimited RPS >= 0.75 non-stream and stream, added p50 at c=1 <= 0.8 ms)."""
+    modes = [mode for mode in args.modes if mode in LIMITED_MODES]
+    if not modes:
+        return []
+    result["limiter"] = args.limiter
+    limiter = f"redis at {args.redis_url}" if args.limiter == "redis" else args.limiter
+    mode_width = max(len("mode"), *(len(mode) for mode in modes))
+    header = (
+        f"{'pass':<5} {'mode':<{mode_width}} {'unlimited RPS':>14} {'limited RPS':>12} {'limited min..max':>17} "
+        f"{'ratio':>6} {'unlimited p50/p99 ms':>21} {'limited p50/p99 ms':>19} {'added p50/p99 ms':>18} {'errors':>6}"
+    )
+    lines = [
+        f"limited key ({args.limits}; limiter: {limiter}) against the unlimited key, same rounds:",
+        header,
+        "-" * len(header),
+    ]
+    for stage in passes:
+        for mode in modes:
+            unlimited = results.get(f"{stage}/{mode}/proxy")
+            limited = results.get(f"{stage}/{mode}/limited")
+            if unlimited is None or limited is None:
+                continue
+            prefix = ("" if stage != "c1" else "c1_") + mode.replace("-", "_")
+            ratio, added50, added99 = _pair(unlimited, limited)
+            errors = unlimited.errors + limited.errors
+            result[f"{prefix}_unlimited_rps"] = round(unlimited.median("rps"), 1)
+            result[f"{prefix}_vs_unlimited"] = round(ratio, 4)
+            result[f"{prefix}_added_p50_vs_unlimited_ms"] = round(added50, 2)
+            unlimited_lat = f"{unlimited.median('p50_ms'):.2f} / {unlimited.median('p99_ms'):.2f}"
+            limited_lat = f"{limited.median('p50_ms'):.2f} / {limited.median('p99_ms'):.2f}"
+            added = f"{added50:+.2f} / {added99:+.2f}"
+            lines.append(
+                f"{stage:<5} {mode:<{mode_width}} {unlimited.median('rps'):>14.1f} {limited.median('rps'):>12.1f} "
+                f"{limited.rps_range:>17} {ratio:>6.3f} {unlimited_lat:>21} {limited_lat:>19} {added:>18} {errors:>6}"
+            )
+    return lines
 
 
 # --- the stack ------------------------------------------------------------------------------------------
@@ -413,14 +523,41 @@ def stack_env(args: argparse.Namespace, database: Path) -> dict[str, str]:
         ALLOWED_HOSTS="*",
         SECURE_SSL_REDIRECT="false",
         DATABASE_URL=f"sqlite:///{database}",
-        CACHE_KEY_PREFIX=f"apiforge-bench-{os.getpid()}",
+        CACHE_KEY_PREFIX=args.cache_prefix,
         # INFO: the access log (one line per call, apiforge.access) is on, as in production by default.
         LOG_LEVEL="INFO",
         PYTHONDONTWRITEBYTECODE="1",
     )
     if args.redis_url:
         env["REDIS_URL"] = args.redis_url
+        if not args.celery_worker:
+            # Nobody would consume the Celery queue: the usage thread writes the ledger itself, as embedded.
+            env["USAGE_TRANSPORT"] = "database"
     return env
+
+
+def redis_forget(args: argparse.Namespace) -> None:
+    """Delete what the run left in Redis under its own prefix (cache, limiter counters, the Celery queue)."""
+    script = (
+        "import sys, redis\n"
+        "client = redis.Redis.from_url(sys.argv[1])\n"
+        "keys = list(client.scan_iter(match=sys.argv[2] + '*', count=1000))\n"
+        "for start in range(0, len(keys), 500):\n"
+        "    client.delete(*keys[start : start + 500])\n"
+        "print(len(keys))\n"
+    )
+    python = str(args.venv / "bin" / "python")
+    done = subprocess.run(
+        [python, "-c", script, args.redis_url, args.cache_prefix],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if done.returncode == 0:
+        log(f"redis: deleted {done.stdout.strip()} keys under {args.cache_prefix}")
+    else:
+        log(f"redis: could not delete the keys under {args.cache_prefix}: {done.stderr.strip()[-300:]}")
 
 
 def server_command(args: argparse.Namespace, port: int) -> list[str]:
@@ -463,7 +600,7 @@ def run_own_stack(args: argparse.Namespace) -> int:
         mock = start("mock_upstream", mock_cmd, cpus=args.load_cpus, env=dict(os.environ), logdir=args.workdir)
         started.append(mock)
         env = stack_env(args, args.workdir / "bench.sqlite3")
-        log("migrating a throwaway database and creating an upstream, a model and a key ...")
+        log("migrating a throwaway database and creating an upstream, a model, a route and two keys ...")
         seeded = subprocess.run(
             [python, str(HERE / "stack_seed.py"), "--upstream-url", upstream_base],
             cwd=ROOT,
@@ -476,6 +613,9 @@ def run_own_stack(args: argparse.Namespace) -> int:
         if seeded.returncode != 0:
             raise SystemExit(f"stack_seed.py failed:\n{seeded.stdout}\n{seeded.stderr}")
         seed = json.loads(seeded.stdout.strip().splitlines()[-1])
+        args.limits = " + ".join(
+            f"{name.removesuffix('_limit').removeprefix('max_')} {value:,}" for name, value in seed["limits"].items()
+        )
         gateway = start("gateway", server_command(args, gateway_port), cpus=args.cpus, env=env, logdir=args.workdir)
         started.append(gateway)
         if args.celery_worker:
@@ -497,6 +637,13 @@ def run_own_stack(args: argparse.Namespace) -> int:
                 seed["model"],
                 gw_url=f"http://127.0.0.1:{gateway_port}{args.gw_path}",
             ),
+            Target(
+                "limited",
+                chat_url(f"http://127.0.0.1:{gateway_port}/v1"),
+                seed["limited_api_key"],
+                seed["model"],
+                gw_url=f"http://127.0.0.1:{gateway_port}{args.gw_path}",
+            ),
         ]
         status = bench(args, targets, [gateway.pid], stream_checks=True)
         ledger_report(args.workdir / "bench.sqlite3")
@@ -505,6 +652,8 @@ def run_own_stack(args: argparse.Namespace) -> int:
         for proc in reversed(started):
             proc.stop()
             log(f"stopped {proc.name} (pid {proc.pid})")
+        if args.redis_url:
+            redis_forget(args)
 
 
 def ledger_report(database: Path, settle_s: float = 30.0) -> None:
@@ -537,19 +686,27 @@ def ledger_report(database: Path, settle_s: float = 30.0) -> None:
 
 
 def bench(args: argparse.Namespace, targets: list[Target], rss_pids: list[int], *, stream_checks: bool) -> int:
-    for target in targets:
+    used = [target for target in targets if any(target in targets_for(mode, targets) for mode in args.modes)]
+    width = max(len(target.name) for target in used)
+    for target in used:
         cold, warm = preflight(target), preflight(target)
-        log(f"pre-flight {target.name:<6} {target.url}: ok (first {cold:.1f} ms, then {warm:.1f} ms)")
-        if "gw" in args.modes and target.gw_url:
+        log(f"pre-flight {target.name:<{width}} {target.url}: ok (first {cold:.1f} ms, then {warm:.1f} ms)")
+        gw_modes = [mode for mode in args.modes if base_mode(mode) == "gw" and target in targets_for(mode, targets)]
+        if gw_modes and target.gw_url:
             cold, warm = preflight(target, target.gw_url), preflight(target, target.gw_url)
-            log(f"pre-flight {target.name:<6} {target.gw_url}: ok (first {cold:.1f} ms, then {warm:.1f} ms)")
-    if stream_checks and "stream" in args.modes:
-        for target in targets:
-            log(f"stream check {target.name:<6} {stream_check(target)}")
+            log(f"pre-flight {target.name:<{width}} {target.gw_url}: ok (first {cold:.1f} ms, then {warm:.1f} ms)")
+        if target.name == "limited":
+            log(f"limiter check {target.name}: {limiter_check(target)}")
+    if stream_checks:
+        for target in used:
+            if any(base_mode(mode) == "stream" and target in targets_for(mode, targets) for mode in args.modes):
+                log(f"stream check {target.name:<{width}} {stream_check(target)}")
     sampler = RssSampler(rss_pids) if rss_pids else None
     if sampler is not None:
         sampler.start()
     where = f"against {args.against}" if args.against else f"{args.server} x{args.workers} on cpus {args.cpus or 'all'}"
+    if any(mode in LIMITED_MODES for mode in args.modes):
+        where += f" limiter={args.limiter}" + (f" ({args.redis_url})" if args.limiter == "redis" else "")
     log(
         f"== {args.label}: {where} load_cpus={args.load_cpus} "
         f"c={args.concurrency} d={args.duration}s rounds={args.rounds} warmup={args.warmup}s c1={args.c1_duration}s "
@@ -581,7 +738,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     stack.add_argument("--chunks", type=int, default=8, help="content chunks per streamed answer")
     stack.add_argument("--port", type=int, default=0, help="gateway port (default: a free one)")
     stack.add_argument("--upstream-port", type=int, default=0, help="mock upstream port (default: a free one)")
-    stack.add_argument("--redis-url", default="", help="give the gateway Redis (default: the embedded setup)")
+    stack.add_argument(
+        "--redis-url",
+        "--redis",
+        default="",
+        metavar="URL",
+        help="give the gateway REDIS_URL (cache, limiter: one round trip per limited call; a key prefix of its own, "
+        "deleted at the end; the ledger as embedded unless --celery-worker). Default: the embedded setup",
+    )
     stack.add_argument(
         "--celery-worker", action="store_true", help="with --redis-url: run a Celery worker (the ledger's consumer)"
     )
@@ -590,6 +754,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     running = parser.add_argument_group("an already running stack")
     running.add_argument("--against", default="", help="gateway base URL, e.g. http://127.0.0.1:8000/v1")
     running.add_argument("--api-key", default="")
+    running.add_argument("--limited-api-key", default="", help="a key with limits, for the limited modes")
     running.add_argument("--model", default="")
     running.add_argument("--upstream", default="", help="upstream base URL for the direct side (optional)")
     running.add_argument("--upstream-model", default="", help="model name for direct calls (default --model)")
@@ -601,7 +766,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     load.add_argument("--warmup", type=int, default=2, help="discarded seconds per target, pass and mode")
     load.add_argument("--c1-duration", type=int, default=3, help="seconds per run of the c=1 pass (0: skip it)")
     load.add_argument(
-        "--modes", default="nonstream,stream,gw", help="nonstream, stream (/v1/ chat), gw (the same call via /gw/)"
+        "--modes",
+        default="nonstream,stream,gw",
+        help="nonstream, stream (/v1/ chat), gw (the same call via /gw/); limited, limited-stream, limited-gw "
+        "(the same calls with the limited key, each round also with the unlimited key)",
     )
     load.add_argument(
         "--gw-path", default="/gw/bench/chat/completions", help="the gw mode's path on the gateway (route 'bench')"
@@ -611,10 +779,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     load.add_argument("--json-out", default="", help="write the result and every raw run here")
     args = parser.parse_args(argv)
     args.modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    unknown = [mode for mode in args.modes if mode not in BASE_MODES and mode not in LIMITED_MODES]
+    if unknown or not args.modes:
+        parser.error(f"--modes: unknown {', '.join(unknown) or 'none given'} (known: {', '.join(MODES)})")
     if args.cpus is None:
         args.cpus = "0" if args.workers == 1 else ""
     if args.against and not (args.api_key and args.model):
         parser.error("--against needs --api-key and --model")
+    if args.against and not args.limited_api_key and any(mode in LIMITED_MODES for mode in args.modes):
+        parser.error("the limited modes --against a running gateway need --limited-api-key")
+    # The gateway's own CACHE_KEY_PREFIX (and Celery queue): nothing shared with another stack on the same Redis.
+    args.cache_prefix = f"apiforge-bench-{os.getpid()}-{secrets.token_hex(3)}"
+    args.limiter = "external" if args.against else "redis" if args.redis_url else "in-process"  # RESULT: no spaces
+    args.limits = "its own limits"  # the seeded stack says which
     return args
 
 
@@ -632,6 +809,9 @@ def main(argv: list[str] | None = None) -> int:
             origin = urllib.parse.urlsplit(args.against)
             gw_url = f"{origin.scheme}://{origin.netloc}{args.gw_path}"
             targets.append(Target("proxy", chat_url(args.against), args.api_key, args.model, gw_url=gw_url))
+            if args.limited_api_key:
+                limited = Target("limited", chat_url(args.against), args.limited_api_key, args.model, gw_url=gw_url)
+                targets.append(limited)
             return bench(args, targets, args.rss_pid, stream_checks=False)
         return run_own_stack(args)
     finally:
