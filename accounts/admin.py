@@ -1,8 +1,9 @@
 """Django admin for accounts: users, the throttled admin login form, and read-only JWT token lists.
 
-- Users: Django's UserAdmin plus the email and display name. Every user it writes (add, change, password,
-  delete) carries the admin's request as ``_audit_request``, for the audit trail's receivers
-  (``gateway_stats.receivers``, which this app may not import) to record who did it and from where.
+- Users: Django's UserAdmin plus the email, display name and the user's limits (shared by all their keys).
+  Every user it writes (add, change, password, delete) carries the admin's request as ``_audit_request``,
+  for the audit trail's receivers (``gateway_stats.receivers``, which this app may not import) to record
+  who did it and from where.
 - The admin's login form turns ``LoginThrottled`` (raised by ``authenticate()`` itself,
   see ``accounts.backends``) into a form error: the admin shares the API's lockout.
 - simplejwt's token_blacklist admins show the full refresh token, which anyone with
@@ -52,6 +53,14 @@ class UserAdmin(DjangoUserAdmin):
         (None, {"fields": ("username", "password")}),
         ("Personal info", {"fields": ("email", "display_name", "first_name", "last_name")}),
         ("Permissions", {"fields": ("is_active", "is_staff", "is_superuser", "groups", "user_permissions")}),
+        (
+            "Limits",
+            {
+                "fields": ("rpm_limit", "budget_cost", "budget_period"),
+                "description": "Shared by all of this user's API keys: their calls count together against these, "
+                "on top of each key's own limits. Empty = no limit.",
+            },
+        ),
         ("Important dates", {"fields": ("last_login", "date_joined")}),
     )
     add_fieldsets = (

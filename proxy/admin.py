@@ -224,6 +224,19 @@ class ModelAdmin(admin.ModelAdmin):
     list_filter = ["is_active", "deployments__upstream"]
     search_fields = ["name", "deployments__upstream_model"]
     readonly_fields = ["created_at", "updated_at"]
+    fieldsets = [
+        (None, {"fields": ["name", "is_active", "fallbacks"]}),
+        ("Prices", {"fields": ["input_price_per_1k", "output_price_per_1k"]}),
+        (
+            "Limits",
+            {
+                "fields": ["rpm_limit", "tpm_limit", "output_tokens_estimate"],
+                "description": "Caps that protect the upstream account's own quota: every key's calls to this model "
+                "count together. Empty = no cap.",
+            },
+        ),
+        ("History", {"fields": ["created_at", "updated_at"]}),
+    ]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Model]:
         return model_list_for_admin()

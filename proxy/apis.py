@@ -180,11 +180,31 @@ class PublicModelSerializer(serializers.ModelSerializer[Model]):
             "fallbacks",
             "input_price_per_1k",
             "output_price_per_1k",
+            "rpm_limit",
+            "tpm_limit",
+            "output_tokens_estimate",
             "deployments",
             "created_at",
             "updated_at",
         ]
         read_only_fields = ["id", "created_at", "updated_at"]
+        extra_kwargs = {
+            "rpm_limit": {
+                "min_value": 1,
+                "help_text": "Requests per minute to this model across all keys (protects the upstream account's "
+                "quota); null = none.",
+            },
+            "tpm_limit": {
+                "min_value": 1,
+                "help_text": "Tokens per minute to this model across all keys (protects the upstream account's "
+                "quota); null = none.",
+            },
+            "output_tokens_estimate": {
+                "min_value": 1,
+                "help_text": "Completion tokens a call without `max_tokens` is assumed to use: what TPM limits and "
+                "budgets reserve before the call; the real usage replaces it after. Default 256.",
+            },
+        }
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if self.instance is None and not attrs.get("deployments"):

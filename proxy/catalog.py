@@ -165,6 +165,9 @@ def catalog_load() -> Catalog:
             output_price_per_1k=model.output_price_per_1k,
             created=int(model.created_at.timestamp()),
             balancer=Balancer(routes, model.balancer),
+            rpm_limit=model.rpm_limit,
+            tpm_limit=model.tpm_limit,
+            output_tokens_estimate=model.output_tokens_estimate,
         )
     return Catalog(models=models)
 

@@ -75,11 +75,35 @@ class Model(models.Model):
     output_price_per_1k = models.DecimalField(
         max_digits=12, decimal_places=6, default=Decimal("0"), validators=[MinValueValidator(Decimal("0"))]
     )
+    # Caps that protect the upstream account's own quota: every key's calls to this model count together.
+    rpm_limit = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="Requests per minute to this model, across all keys; empty = none.",
+    )
+    tpm_limit = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="Tokens per minute to this model, across all keys; empty = none.",
+    )
+    output_tokens_estimate = models.PositiveIntegerField(
+        default=256,
+        validators=[MinValueValidator(1)],
+        help_text="Completion tokens a call without max_tokens is assumed to use: what TPM limits and budgets "
+        "reserve before the call (the real usage replaces it after).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(output_tokens_estimate__gte=1), name="model_output_tokens_estimate_positive"
+            ),
+        ]
 
     def __str__(self) -> str:
         return self.name

@@ -71,7 +71,16 @@ UPSTREAM_FIELDS = (
     "breaker_failure_threshold",
     "breaker_cooldown_s",
 )
-MODEL_FIELDS = ("name", "is_active", "fallbacks", "input_price_per_1k", "output_price_per_1k")
+MODEL_FIELDS = (
+    "name",
+    "is_active",
+    "fallbacks",
+    "input_price_per_1k",
+    "output_price_per_1k",
+    "rpm_limit",
+    "tpm_limit",
+    "output_tokens_estimate",
+)
 
 
 class UpstreamFields(TypedDict, total=False):
@@ -95,6 +104,9 @@ class ModelFields(TypedDict, total=False):
     fallbacks: list[str]
     input_price_per_1k: Decimal
     output_price_per_1k: Decimal
+    rpm_limit: int | None
+    tpm_limit: int | None
+    output_tokens_estimate: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -242,6 +242,7 @@ def _model_form(upstream: Upstream, **overrides: Any) -> dict[str, Any]:
         "fallbacks": "[]",
         "input_price_per_1k": "0.0025",
         "output_price_per_1k": "0.01",
+        "output_tokens_estimate": "256",
         "deployments-TOTAL_FORMS": "1",
         "deployments-INITIAL_FORMS": "0",
         "deployments-MIN_NUM_FORMS": "1",
@@ -297,6 +298,7 @@ def _user_change_form(user: User, **overrides: Any) -> dict[str, Any]:
         "first_name": "",
         "last_name": "",
         "is_active": "on",
+        "budget_period": user.budget_period,
         "date_joined_0": user.date_joined.strftime("%Y-%m-%d"),
         "date_joined_1": user.date_joined.strftime("%H:%M:%S"),
     }
