@@ -1,5 +1,6 @@
 """Django admin for API keys: issue (secret shown once, on the page answering the form), limit, rotate,
 disable, enable, revoke. Every write goes through ``keys.services``; digests are never shown or editable.
+The change page shows the current budget period's spend (from the usage ledger), read-only.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from django.utils.cache import patch_cache_control
 from apiforge.audit import audit_context
 from keys.models import ApiKey
 from keys.scopes import scope_errors
+from keys.selectors import BudgetSpent, key_budget_spent_many
 from keys.services import (
     ROTATION_GRACE_MAX_S,
     UPDATABLE_FIELDS,
@@ -35,6 +37,7 @@ from keys.services import (
 )
 
 _LIMIT_FIELDS = ("rpm_limit", "tpm_limit", "max_concurrency", "budget_tokens", "budget_cost", "budget_period")
+_BUDGET_STATE_FIELDS = ("budget_spent", "budget_remaining", "budget_resets_at")
 
 
 class _ListFormField(forms.CharField):
@@ -126,11 +129,19 @@ class ApiKeyAdmin(admin.ModelAdmin):
     raw_id_fields = ["owner"]
     date_hierarchy = "created_at"
     actions = ["disable_keys", "enable_keys", "revoke_keys"]
-    readonly_fields = ["prefix", "created_at", "updated_at", "last_used_at", "revoked_at", "previous_valid_until"]
+    readonly_fields = [
+        "prefix",
+        "created_at",
+        "updated_at",
+        "last_used_at",
+        "revoked_at",
+        "previous_valid_until",
+        *_BUDGET_STATE_FIELDS,
+    ]
     fieldsets = [
         (None, {"fields": ["owner", "name", "prefix", "is_active", "expires_at"]}),
         ("Scopes", {"fields": ["allowed_models", "allowed_routes", "ip_allowlist"]}),
-        ("Limits and budget", {"fields": _LIMIT_FIELDS}),
+        ("Limits and budget", {"fields": [*_LIMIT_FIELDS, *_BUDGET_STATE_FIELDS]}),
         ("Other", {"fields": ["metadata"]}),
         (
             "History",
@@ -156,6 +167,35 @@ class ApiKeyAdmin(admin.ModelAdmin):
         if obj.budget_cost is not None:
             parts.append(f"{obj.budget_cost} cost")
         return f"{' / '.join(parts)} per {obj.budget_period}" if parts else "-"
+
+    # --- the current budget period, from the ledger (one query per page, kept on the object) ------------------
+    @staticmethod
+    def _spent(obj: ApiKey) -> BudgetSpent:
+        spent: BudgetSpent | None = getattr(obj, "_budget_spent", None)
+        if spent is None:
+            spent = key_budget_spent_many([obj])[obj.pk]
+            obj._budget_spent = spent  # type: ignore[attr-defined]
+        return spent
+
+    @admin.display(description="spent this period")
+    def budget_spent(self, obj: ApiKey) -> str:
+        spent = self._spent(obj)
+        return f"{spent.tokens} tokens, {spent.cost:f} cost"
+
+    @admin.display(description="remaining this period")
+    def budget_remaining(self, obj: ApiKey) -> str:
+        spent = self._spent(obj)
+        parts = []
+        if spent.remaining_tokens is not None:
+            parts.append(f"{spent.remaining_tokens} tokens")
+        if spent.remaining_cost is not None:
+            parts.append(f"{spent.remaining_cost:f} cost")
+        return ", ".join(parts) if parts else "- (no budget)"
+
+    @admin.display(description="budget resets at")
+    def budget_resets_at(self, obj: ApiKey) -> Any:
+        resets_at = self._spent(obj).resets_at
+        return "never (total)" if resets_at is None else resets_at
 
     def get_fieldsets(self, request: HttpRequest, obj: ApiKey | None = None) -> Any:
         return self.add_fieldsets if obj is None else self.fieldsets

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, cast
 
 import django_filters
@@ -22,7 +23,7 @@ from apiforge.filters import IdFilter
 from apiforge.permissions import OwnerOrStaffModelPermissions
 from apiforge.serializers import StrictFieldsMixin
 from keys.models import ApiKey
-from keys.selectors import key_list
+from keys.selectors import BudgetSpent, key_budget_spent_many, key_list
 from keys.services import ROTATION_GRACE_MAX_S, key_create, key_revoke, key_rotate, key_update
 from keys.validators import MAX_LIST_ITEMS
 
@@ -39,8 +40,45 @@ def _string_list(help_text: str, max_length: int) -> serializers.ListField:
     )
 
 
+_COST_HELP = "A decimal string, to the ledger's precision (10 places)."
+
+
+class BudgetSpentSerializer(serializers.Serializer):
+    tokens = serializers.IntegerField(help_text="Total tokens of the key's calls in the current budget period.")
+    cost = serializers.DecimalField(
+        max_digits=30,
+        decimal_places=10,
+        help_text=f"Cost of the key's calls in the current budget period. {_COST_HELP}",
+    )
+
+
+class BudgetRemainingSerializer(serializers.Serializer):
+    tokens = serializers.IntegerField(
+        allow_null=True, help_text="`budget_tokens` minus the tokens spent, never below 0; null without a token budget."
+    )
+    cost = serializers.DecimalField(
+        max_digits=30,
+        decimal_places=10,
+        allow_null=True,
+        help_text=f"`budget_cost` minus the cost spent, never below 0; null without a cost budget. {_COST_HELP}",
+    )
+
+
+class ApiKeyListSerializer(serializers.ListSerializer):
+    """A page of keys: their budget spend is read for the whole page in one query, not one per key."""
+
+    def to_representation(self, data: Any) -> list[Any]:
+        keys = list(data.all() if hasattr(data, "all") else data)
+        self.context["budget_spent"] = key_budget_spent_many(keys)
+        return super().to_representation(keys)
+
+
 class ApiKeySerializer(StrictFieldsMixin, serializers.ModelSerializer):
-    """An API key as its owner sees it. The secret is never part of it (see ``key`` on create and rotate)."""
+    """An API key as its owner sees it. The secret is never part of it (see ``key`` on create and rotate).
+
+    ``budget_spent``, ``budget_remaining`` and ``budget_resets_at`` come from the usage ledger (the source of
+    truth for spend): the key's calls since its current ``budget_period`` began (``BUDGET_TIMEZONE``).
+    """
 
     allowed_models = _string_list("Public model names this key may call; empty = all. Each must exist.", 128)
     allowed_routes = _string_list(
@@ -52,9 +90,20 @@ class ApiKeySerializer(StrictFieldsMixin, serializers.ModelSerializer):
         64,
     )
     metadata = serializers.DictField(required=False, help_text="Free JSON object (up to 4 KB) for your own use.")
+    budget_spent = serializers.SerializerMethodField(
+        help_text="What the key's calls used in the current budget period, from the usage ledger."
+    )
+    budget_remaining = serializers.SerializerMethodField(
+        help_text="What is left of `budget_tokens` and `budget_cost` in the current budget period."
+    )
+    budget_resets_at = serializers.SerializerMethodField(
+        help_text="When the current budget period ends and the budget starts again (midnight or the first of "
+        "the month in the server's BUDGET_TIMEZONE); null for `total`, which never resets."
+    )
 
     class Meta:
         model = ApiKey
+        list_serializer_class = ApiKeyListSerializer
         fields = [
             "id",
             "name",
@@ -73,6 +122,9 @@ class ApiKeySerializer(StrictFieldsMixin, serializers.ModelSerializer):
             "budget_tokens",
             "budget_cost",
             "budget_period",
+            "budget_spent",
+            "budget_remaining",
+            "budget_resets_at",
             "ip_allowlist",
             "metadata",
             "owner",
@@ -97,6 +149,29 @@ class ApiKeySerializer(StrictFieldsMixin, serializers.ModelSerializer):
             "budget_tokens": {"min_value": 0},
             "budget_cost": {"min_value": 0},
         }
+
+    def to_representation(self, instance: ApiKey) -> Any:
+        page: dict[int, BudgetSpent] | None = self.context.get("budget_spent")
+        spent = page.get(instance.pk) if page is not None else None
+        self._spent = spent if spent is not None else key_budget_spent_many([instance])[instance.pk]
+        return super().to_representation(instance)
+
+    @extend_schema_field(BudgetSpentSerializer)
+    def get_budget_spent(self, obj: ApiKey) -> dict[str, Any]:
+        return {"tokens": self._spent.tokens, "cost": _decimal(self._spent.cost)}
+
+    @extend_schema_field(BudgetRemainingSerializer)
+    def get_budget_remaining(self, obj: ApiKey) -> dict[str, Any]:
+        return {"tokens": self._spent.remaining_tokens, "cost": _decimal(self._spent.remaining_cost)}
+
+    @extend_schema_field(OpenApiTypes.DATETIME)
+    def get_budget_resets_at(self, obj: ApiKey) -> str | None:
+        resets_at = self._spent.resets_at
+        return None if resets_at is None else serializers.DateTimeField().to_representation(resets_at)
+
+
+def _decimal(value: Decimal | None) -> str | None:
+    return None if value is None else format(value, "f")
 
 
 class ApiKeyIssuedSerializer(ApiKeySerializer):

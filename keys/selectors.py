@@ -1,15 +1,21 @@
-"""Reads of the keys app: the keys a user may see, and the record verification needs for a digest."""
+"""Reads of the keys app: the keys a user may see, the record verification needs for a digest, and what keys
+have spent of their budgets (from the usage ledger)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from django.db.models import Q, QuerySet
+from django.db.models import Q, QuerySet, Sum
 from django.utils import timezone
 
 from apiforge.permissions import staff_has_model_perm
+from gateway_stats.models import UsageRecord
 from keys.models import ApiKey
+from keys.periods import budget_period_bounds
 from keys.policy import KeyPolicy, KeyRecord, KeyStateRefusal
 
 if TYPE_CHECKING:
@@ -19,6 +25,9 @@ _RECORD_FIELDS = (
     "id",
     "owner_id",
     "owner__is_active",
+    "owner__rpm_limit",
+    "owner__budget_cost",
+    "owner__budget_period",
     "prefix",
     "name",
     "digest",
@@ -80,6 +89,9 @@ def key_record_by_digest(*, digest: str) -> KeyRecord | None:
         budget_tokens=row["budget_tokens"],
         budget_cost=budget_cost,
         budget_period=row["budget_period"],
+        user_rpm_limit=row["owner__rpm_limit"],
+        user_budget_cost=row["owner__budget_cost"],
+        user_budget_period=row["owner__budget_period"],
     )
     return KeyRecord(
         policy=policy,
@@ -121,3 +133,81 @@ def _scopes_for_user(user_id: int, field: str) -> tuple[bool, set[str]]:
 def key_names_for_owner(*, owner_id: int) -> set[str]:
     """Names of the keys ``owner_id`` holds (revoked ones included)."""
     return set(ApiKey.objects.filter(owner_id=owner_id).values_list("name", flat=True))
+
+
+# The ledger's precision for costs (``UsageRecord.cost``): spent and remaining amounts are shown to it.
+_COST_PLACES = Decimal("1e-10")
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetSpent:
+    """A key's current budget period as the ledger sees it: what was spent, what remains of each budget
+    (None when that budget is unset; never below zero) and when the period ends (None for ``total``)."""
+
+    tokens: int
+    cost: Decimal
+    remaining_tokens: int | None
+    remaining_cost: Decimal | None
+    resets_at: datetime | None
+
+
+def key_budget_spent_many(keys: Iterable[ApiKey], *, now: float | None = None) -> dict[int, BudgetSpent]:
+    """What each of ``keys`` has spent in its current budget period (``keys.periods.budget_period_bounds`` at
+    ``now``, default the present), summed from the usage ledger in one query whatever the number of keys.
+
+    Each key's period start is part of the query's filter (a row counts for its key only from that key's
+    period start on), so one ``Sum`` per key, grouped by key, answers every period at once.
+    """
+    keys = list(keys)
+    bounds = {period: budget_period_bounds(period, now) for period in {key.budget_period for key in keys}}
+    condition = Q()
+    for period, (start, _end) in bounds.items():
+        ids = [key.pk for key in keys if key.budget_period == period]
+        since = Q(started_at__gte=datetime.fromtimestamp(start, UTC)) if period != "total" else Q()
+        condition |= Q(key_id__in=ids) & since
+    sums: dict[int, tuple[int, Decimal]] = {}
+    if keys:
+        rows = (
+            UsageRecord.objects.filter(condition)
+            .order_by()
+            .values("key_id")
+            .annotate(tokens=Sum("total_tokens"), cost=Sum("cost"))
+        )
+        sums = {row["key_id"]: (row["tokens"] or 0, row["cost"] or Decimal(0)) for row in rows}
+    spent: dict[int, BudgetSpent] = {}
+    for key in keys:
+        tokens, cost = sums.get(key.pk, (0, Decimal(0)))
+        cost = Decimal(cost).quantize(_COST_PLACES)
+        end = bounds[key.budget_period][1]
+        spent[key.pk] = BudgetSpent(
+            tokens=int(tokens),
+            cost=cost,
+            remaining_tokens=None if key.budget_tokens is None else max(key.budget_tokens - int(tokens), 0),
+            remaining_cost=None
+            if key.budget_cost is None
+            else max(key.budget_cost - cost, Decimal(0)).quantize(_COST_PLACES),
+            resets_at=None if key.budget_period == "total" else datetime.fromtimestamp(end, UTC),
+        )
+    return spent
+
+
+@dataclass(frozen=True, slots=True)
+class KeyBudget:
+    """A usable key's budgets (``budget_tokens`` and/or ``budget_cost`` per ``budget_period``)."""
+
+    key_id: int
+    budget_tokens: int | None
+    budget_cost: Decimal | None
+    budget_period: str
+
+
+def key_budgets() -> list[KeyBudget]:
+    """Every key that can still spend (active, not revoked, not expired) and has a budget, by id."""
+    rows = (
+        ApiKey.objects.filter(is_active=True, revoked_at__isnull=True)
+        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now()))
+        .filter(Q(budget_tokens__isnull=False) | Q(budget_cost__isnull=False))
+        .order_by("id")
+        .values_list("id", "budget_tokens", "budget_cost", "budget_period")
+    )
+    return [KeyBudget(key_id, tokens, cost, period) for key_id, tokens, cost, period in rows]

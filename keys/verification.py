@@ -84,7 +84,7 @@ _Address = tuple[int, int]
 
 # Wire format of a shared-cache entry: a flat tuple of primitives (``_UNKNOWN_WIRE`` for "no such
 # key"). The version is part of the cache key, so a deploy that changes the tuple starts afresh.
-_WIRE_VERSION = "v1"
+_WIRE_VERSION = "v2"
 _UNKNOWN_WIRE = 0
 
 
@@ -140,6 +140,9 @@ def _wire_from_record(record: KeyRecord | None) -> tuple[Any, ...] | int:
         p.budget_tokens,
         None if p.budget_cost is None else str(p.budget_cost),
         p.budget_period,
+        p.user_rpm_limit,
+        None if p.user_budget_cost is None else str(p.user_budget_cost),
+        p.user_budget_period,
         record.refusal,
         record.expires_at,
         record.valid_until,
@@ -151,7 +154,7 @@ def _record_from_wire(wire: tuple[Any, ...] | int) -> KeyRecord | None:
     if not isinstance(wire, tuple):
         return None
     (key_id, owner_id, prefix, name, models, routes, rpm, tpm, concurrency, tokens, cost, period) = wire[:12]
-    refusal, expires_at, valid_until, ip_allowlist = wire[12:]
+    user_rpm, user_cost, user_period, refusal, expires_at, valid_until, ip_allowlist = wire[12:]
     policy = KeyPolicy(
         key_id=key_id,
         owner_id=owner_id,
@@ -165,6 +168,9 @@ def _record_from_wire(wire: tuple[Any, ...] | int) -> KeyRecord | None:
         budget_tokens=tokens,
         budget_cost=None if cost is None else Decimal(cost),
         budget_period=period,
+        user_rpm_limit=user_rpm,
+        user_budget_cost=None if user_cost is None else Decimal(user_cost),
+        user_budget_period=user_period,
     )
     return KeyRecord(
         policy=policy, refusal=refusal, expires_at=expires_at, valid_until=valid_until, ip_allowlist=ip_allowlist
