@@ -52,8 +52,15 @@ MESSAGES = [{"role": "user", "content": "count my queries"}]
 # route catalog for /gw/ (the unknown-keys cache is consulted only on a miss of the first, which a valid key
 # never has in steady state).
 _SYNCED_NAMESPACES = ("keys", "proxy-catalog")  # /gw/: "keys", "proxy-gateway" (as many)
-# Redis commands a feature needs per proxied request, by name: none yet.
+# Redis commands a feature needs per proxied request of a key without limits, by name: none. A limited key's
+# calls add the limiter's scripts (``test_a_limited_key_costs_exactly_the_limiters_round_trips``): one EVALSHA
+# before forwarding for all its limits together, and one after the answer when something must be settled.
 _ALLOWED_PER_REQUEST: dict[str, int] = {}
+# Limits of a key -> EVALSHA per request: rpm alone settles nothing; tokens and concurrency are settled after.
+_LIMITER_ROUND_TRIPS = {
+    "rpm": ({"rpm_limit": 1_000_000}, 1),
+    "rpm+tpm+concurrency": ({"rpm_limit": 1_000_000, "tpm_limit": 1_000_000_000, "max_concurrency": 1_000}, 2),
+}
 MONITOR_TIMEOUT_S = 20.0
 
 
@@ -206,7 +213,10 @@ class RedisMonitor:
             with self._client.monitor() as monitor:
                 recording = False
                 while True:
-                    command = monitor.next_command()["command"]
+                    seen = monitor.next_command()
+                    if seen.get("client_type") == "lua":
+                        continue  # run by a script inside Redis: part of its one round trip, not another
+                    command = seen["command"]
                     if self._sentinel("start") in command:
                         recording = True
                         self._ready.set()
@@ -272,3 +282,32 @@ def test_redis_monitor_sees_commands_on_this_runs_keys():
     with RedisMonitor(settings.REDIS_URL) as monitor:
         cache.get("hot-path-io-self-test")
     assert [c for c in monitor.commands if settings.CACHE_KEY_PREFIX in c and "hot-path-io-self-test" in c]
+
+
+@pytest.mark.redis
+@pytest.mark.skipif(not settings.REDIS_URL, reason="REDIS_URL is unset: the embedded limiter makes no round trips")
+@pytest.mark.parametrize("limits", sorted(_LIMITER_ROUND_TRIPS))
+@pytest.mark.parametrize("stream", [False, True, "gw"], ids=["json", "stream", "gw"])
+def test_a_limited_key_costs_exactly_the_limiters_round_trips(gateway, stream, limits):
+    fields, per_request = _LIMITER_ROUND_TRIPS[limits]
+    if stream == "gw" and "max_concurrency" in fields:
+        per_request = 2  # routes carry no tokens: the concurrency slot is what is settled
+    key = key_make(**fields)
+    gateway.headers["Authorization"] = f"Bearer {key.secret}"
+    _steady_state(gateway, stream=stream)
+    n = N_REQUESTS // 4
+
+    with RedisMonitor(settings.REDIS_URL) as monitor:
+        for _ in range(n):
+            _call(gateway, stream=stream)
+        time.sleep(0.3)  # the settles run off the answers' path: let the last ones reach Redis
+
+    ours = [command for command in monitor.commands if settings.CACHE_KEY_PREFIX in command]
+    limiter = [c for c in ours if ":lim:" in c]
+    names = {c.split(" ", 1)[0].strip('"').upper() for c in limiter}
+    assert names == {"EVALSHA"}, f"the limiter sends only its scripts: {limiter[:5]}"
+    assert len(limiter) == per_request * n, f"{len(limiter)} limiter calls for {n} requests: {limiter[:6]}"
+    others = [
+        c for c in ours if ":lim:" not in c and not (c.split(" ", 1)[0].upper().strip('"') == "GET" and ":gen:" in c)
+    ]
+    assert others == [], others[:5]
