@@ -164,7 +164,7 @@ class ApiKeySerializer(StrictFieldsMixin, serializers.ModelSerializer):
     def get_budget_remaining(self, obj: ApiKey) -> dict[str, Any]:
         return {"tokens": self._spent.remaining_tokens, "cost": _decimal(self._spent.remaining_cost)}
 
-    @extend_schema_field(OpenApiTypes.DATETIME)
+    @extend_schema_field(serializers.DateTimeField(allow_null=True))
     def get_budget_resets_at(self, obj: ApiKey) -> str | None:
         resets_at = self._spent.resets_at
         return None if resets_at is None else serializers.DateTimeField().to_representation(resets_at)

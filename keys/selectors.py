@@ -155,16 +155,20 @@ def key_budget_spent_many(keys: Iterable[ApiKey], *, now: float | None = None) -
     """What each of ``keys`` has spent in its current budget period (``keys.periods.budget_period_bounds`` at
     ``now``, default the present), summed from the usage ledger in one query whatever the number of keys.
 
-    Each key's period start is part of the query's filter (a row counts for its key only from that key's
-    period start on), so one ``Sum`` per key, grouped by key, answers every period at once.
+    Each key's period is part of the query's filter (a row counts for its key only within that key's period),
+    so one ``Sum`` per key, grouped by key, answers every period at once.
     """
     keys = list(keys)
     bounds = {period: budget_period_bounds(period, now) for period in {key.budget_period for key in keys}}
     condition = Q()
-    for period, (start, _end) in bounds.items():
+    for period, (start, end) in bounds.items():
         ids = [key.pk for key in keys if key.budget_period == period]
-        since = Q(started_at__gte=datetime.fromtimestamp(start, UTC)) if period != "total" else Q()
-        condition |= Q(key_id__in=ids) & since
+        within = Q()
+        if period != "total":
+            within = Q(
+                started_at__gte=datetime.fromtimestamp(start, UTC), started_at__lt=datetime.fromtimestamp(end, UTC)
+            )
+        condition |= Q(key_id__in=ids) & within
     sums: dict[int, tuple[int, Decimal]] = {}
     if keys:
         rows = (

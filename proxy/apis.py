@@ -149,6 +149,9 @@ class DeploymentSerializer(serializers.ModelSerializer[Deployment]):
         read_only_fields = ["id"]
 
 
+# PositiveIntegerField's range on PostgreSQL, checked on every database (SQLite's integers are wider).
+_POSITIVE_INT_MAX = 2_147_483_647
+
 _DEPLOYMENTS_HELP = (
     "Required on create. When written, replaces the model's deployments "
     "(one kept per upstream + upstream_model keeps its id). Shown to staff only."
@@ -191,16 +194,19 @@ class PublicModelSerializer(serializers.ModelSerializer[Model]):
         extra_kwargs = {
             "rpm_limit": {
                 "min_value": 1,
+                "max_value": _POSITIVE_INT_MAX,
                 "help_text": "Requests per minute to this model across all keys (protects the upstream account's "
                 "quota); null = none.",
             },
             "tpm_limit": {
                 "min_value": 1,
+                "max_value": _POSITIVE_INT_MAX,
                 "help_text": "Tokens per minute to this model across all keys (protects the upstream account's "
                 "quota); null = none.",
             },
             "output_tokens_estimate": {
                 "min_value": 1,
+                "max_value": _POSITIVE_INT_MAX,
                 "help_text": "Completion tokens a call without `max_tokens` is assumed to use: what TPM limits and "
                 "budgets reserve before the call; the real usage replaces it after. Default 256.",
             },
