@@ -15,8 +15,10 @@ import httpx
 import openai
 import pytest
 
+from proxy.catalog import catalog_invalidate
 from proxy.edge import limits
 from proxy.edge.admit import duration
+from proxy.models import Model
 from tests.gateway.conftest import echo, route_make, target_factory
 from tests.live_server import live_gateway, live_server_factory
 from tests.observability.conftest import sample, samples_parse
@@ -283,3 +285,50 @@ def test_a_keys_rpm_limit_applies_on_routes_too(live_gateway, echo, route_make) 
     assert (first.status_code, second.status_code) == (200, 429)
     assert first.headers["x-ratelimit-remaining-requests"] == "0"
     assert second.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+# --- the owner's and the model's limits ---------------------------------------------------------------------
+
+
+def test_a_users_rpm_limit_is_shared_by_all_their_keys(gateway) -> None:
+    one = key_make()
+    one.owner.rpm_limit = 3
+    one.owner.save()
+    two = key_make(owner=one.owner)
+    statuses = [chat(gateway, key.secret).status_code for key in (one, two, one, two)]
+    assert statuses == [200, 200, 200, 429], "a developer with many keys cannot multiply their quota"
+    assert chat(gateway, key_make().secret).status_code == 200, "another user's keys are not limited by it"
+
+
+def test_a_users_cost_budget_is_shared_by_all_their_keys(gateway) -> None:
+    one = key_make()
+    one.owner.budget_cost = Decimal("0.000001")
+    one.owner.budget_period = "day"
+    one.owner.save()
+    two = key_make(owner=one.owner)
+    assert chat(gateway, one.secret, max_tokens=5).status_code == 200  # within the budget when admitted
+    settled()
+    refused = chat(gateway, two.secret, max_tokens=5)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "insufficient_quota"
+    assert "user's cost budget" in refused.json()["error"]["message"]
+
+
+def test_a_users_new_limit_reaches_a_key_already_in_use(gateway, settings) -> None:
+    key = key_make()
+    assert chat(gateway, key.secret).status_code == 200  # the key's policy is now cached
+    key.owner.rpm_limit = 1
+    key.owner.save()
+    time.sleep(settings.CACHE_SYNC_INTERVAL_S + 0.3)
+    assert [chat(gateway, key.secret).status_code for _ in range(2)] == [200, 429]
+
+
+def test_a_models_rpm_cap_holds_across_keys(gateway, settings) -> None:
+    Model.objects.filter(name="gpt-lim").update(rpm_limit=2)
+    catalog_invalidate()
+    time.sleep(settings.CACHE_SYNC_INTERVAL_S + 0.3)
+    statuses = [chat(gateway, key_make().secret).status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    refused = chat(gateway, key_make().secret)
+    assert "on the model" in refused.json()["error"]["message"]
+    assert refused.headers["x-ratelimit-limit-requests"] == "2"
