@@ -21,6 +21,10 @@ class ProxyConfig(AppConfig):
         from proxy.lease_sweeper import lease_sweeper_start, lease_sweeper_stop
 
         lifespan_hooks_register(AppHooks("proxy.leases", start=lease_sweeper_start, stop=lease_sweeper_stop))
+        # ... and rebuilds the limiter's budget counters from the ledger (at start-up, then periodically).
+        from proxy.limit_reconciler import limit_reconciler_start, limit_reconciler_stop
+
+        lifespan_hooks_register(AppHooks("proxy.limits", start=limit_reconciler_start, stop=limit_reconciler_stop))
 
         # The hot path's catalogs read the database (on a miss) only through these readers.
         catalog_rows_reader_register(catalog_rows)

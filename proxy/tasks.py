@@ -1,6 +1,9 @@
-"""Celery tasks of the proxy app: the lease sweep of the route registry (beat: ``ROUTE_LEASE_SWEEP_S``)."""
+"""Celery tasks of the proxy app: the lease sweep of the route registry (beat: ``ROUTE_LEASE_SWEEP_S``) and the
+budget counters' reconciliation with the ledger (beat: ``RATE_LIMIT_RECONCILE_S``)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from celery import shared_task
 
@@ -15,3 +18,12 @@ def route_leases_expire() -> list[str]:
     from proxy.route_services import route_leases_expire as expire
 
     return expire()
+
+
+@shared_task(name="proxy.limits_reconcile", ignore_result=True, soft_time_limit=50, time_limit=60)
+def limits_reconcile() -> dict[str, Any]:
+    """Rebuild the limiter's budget counters from the ledger: missing or low ones raised to the ledger's sums,
+    higher ones reported (idempotent: two beats at once do no harm). What it did, as JSON."""
+    from proxy.limit_reconcile import limits_reconcile as reconcile
+
+    return reconcile().as_dict()
