@@ -377,6 +377,11 @@ CELERY_BEAT_SCHEDULE["route-leases"] = {
     "schedule": ROUTE_LEASE_SWEEP_S,
     "options": {"expires": ROUTE_LEASE_SWEEP_S},
 }
+CELERY_BEAT_SCHEDULE["limits-reconcile"] = {
+    "task": "proxy.limits_reconcile",
+    "schedule": RATE_LIMIT_RECONCILE_S,
+    "options": {"expires": RATE_LIMIT_RECONCILE_S},
+}
 
 # --- Server (apiforge/server.py, the uvicorn protocol of `make serve` and the image) ---------------
 # Request line and headers of one request, in bytes: past this it is answered 431 before more is read.
