@@ -3,13 +3,18 @@ admin, carried by every one of their keys' policies, and seen by every process s
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.test import Client
 
 from accounts.models import User
@@ -19,6 +24,7 @@ from tests.factories import ApiKeyFactory, UserFactory
 pytestmark = pytest.mark.django_db
 
 USERS = "/admin/accounts/user/"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # --- storage ---------------------------------------------------------------------------------------
@@ -115,6 +121,84 @@ def test_a_cached_policy_sees_a_users_new_limits_in_every_process_within_the_syn
         policy, elapsed = _policy_within(worker, key.secret, lambda p: p.user_rpm_limit == 5, bound)
         assert (policy.user_rpm_limit, policy.user_budget_cost, policy.user_budget_period) == (5, Decimal(2), "day")
         assert elapsed < bound
+
+
+_CHILD = """
+import sys, time
+import django
+django.setup()
+from keys.verification import KeyVerifier
+
+secret = sys.stdin.readline().strip()
+verifier = KeyVerifier()
+print("ready", verifier.verify(secret, None).user_rpm_limit, flush=True)
+deadline = time.monotonic() + 15
+while time.monotonic() < deadline:
+    policy = verifier.verify(secret, None)
+    if policy.user_rpm_limit != 10:
+        print("changed", policy.user_rpm_limit, policy.user_budget_cost, time.time(), flush=True)
+        break
+    time.sleep(0.005)
+else:
+    print("unchanged", flush=True)
+"""
+
+
+def _database_url() -> str:
+    db = connection.settings_dict
+    credentials = quote(db["USER"] or "", safe="")
+    if db["PASSWORD"]:
+        credentials += ":" + quote(db["PASSWORD"], safe="")
+    return f"postgres://{credentials}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(not settings.REDIS_URL, reason="needs REDIS_URL: the processes share the cache through Redis")
+def test_another_process_sees_a_users_new_limit_within_the_sync_interval() -> None:
+    if connection.vendor != "postgresql":
+        pytest.skip("needs PostgreSQL: the child process must reach the test database (SQLite's is in memory)")
+    owner = UserFactory(rpm_limit=10)
+    key = ApiKeyFactory(owner=owner)
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "apiforge.settings",
+        "APP_ENV": "test",
+        "DATABASE_URL": _database_url(),
+        "REDIS_URL": settings.REDIS_URL,
+        "CACHE_KEY_PREFIX": settings.CACHE_KEY_PREFIX,
+    }
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD],
+        cwd=REPO_ROOT,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdin is not None
+        assert child.stdout is not None
+        child.stdin.write(key.secret + "\n")
+        child.stdin.flush()
+        ready = child.stdout.readline().split()
+        assert ready == ["ready", "10"], child.stderr.read() if child.stderr else ready
+        time.sleep(0.3)  # the child is answering from its memory now
+
+        owner.rpm_limit = 4
+        owner.budget_cost = Decimal("0.5")
+        owner.save(update_fields=["rpm_limit", "budget_cost"])  # autocommit: the invalidation is sent at once
+        committed_at = time.time()
+
+        out, err = child.communicate(timeout=20)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    word, rpm, cost, seen_at = out.split()
+    assert (word, rpm, Decimal(cost)) == ("changed", "4", Decimal("0.5")), err
+    assert float(seen_at) - committed_at < settings.CACHE_SYNC_INTERVAL_S + 1.0
 
 
 @pytest.mark.parametrize("field", ["rpm_limit", "budget_cost", "budget_period"])
