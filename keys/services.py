@@ -285,7 +285,8 @@ def key_delete(*, key: ApiKey, actor: AbstractBaseUser | None = None, ip_address
 
 
 def key_cache_invalidate_for_owner(*, owner_id: int) -> None:
-    """After a change to a user that verification reads (``is_active``), drop their keys' cached entries."""
+    """After a change to a user field that verification reads (``is_active``, ``rpm_limit``, ``budget_cost``,
+    ``budget_period``), drop their keys' cached entries."""
     digests = [
         digest
         for pair in ApiKey.objects.filter(owner_id=owner_id).values_list("digest", "previous_digest")
