@@ -163,21 +163,24 @@ class GatewayProcess:
                     pass
             time.sleep(0.1)
 
-    def worker_pids(self) -> set[int]:
-        """The worker processes listening now (the supervisor's children holding the listening socket)."""
+    def _serving(self) -> list[int]:
+        # With one worker uvicorn serves in its own process; with more, in the supervisor's children.
         assert self.process is not None
+        return _children(self.process.pid) if self.workers > 1 else [self.process.pid]
+
+    def worker_pids(self) -> set[int]:
+        """The worker processes listening now (those holding the listening socket)."""
         listening = {inode for local, _, state, inode in _tcp_sockets() if local == self.port and state == _LISTEN}
-        return {pid for pid in _children(self.process.pid) if _socket_inodes(pid) & listening}
+        return {pid for pid in self._serving() if _socket_inodes(pid) & listening}
 
     def owner(self, port: int) -> int | None:
         """The worker holding the server side of the open connection from client port ``port``, if any."""
-        assert self.process is not None
         inodes = {
             inode
             for local, remote, state, inode in _tcp_sockets()
             if local == self.port and remote == port and state == _ESTABLISHED
         }
-        for pid in _children(self.process.pid):
+        for pid in self._serving():
             if _socket_inodes(pid) & inodes:
                 return pid
         return None
