@@ -366,8 +366,10 @@ except (ZoneInfoNotFoundError, ValueError):
 RATE_LIMIT_RECONCILE_S = env.float("RATE_LIMIT_RECONCILE_S", default=60.0)
 # Redis unreachable: serve (true, logged once per interval, counted) or refuse with 429 rate_limiter_unavailable.
 RATE_LIMIT_FAIL_OPEN = env.bool("RATE_LIMIT_FAIL_OPEN", default=True)
-# The limiter's Redis calls give up after this (the request path never waits for a TCP timeout).
-RATE_LIMIT_REDIS_TIMEOUT_S = env.float("RATE_LIMIT_REDIS_TIMEOUT_S", default=0.05)
+# The limiter's Redis calls give up after this (the request path never waits for a TCP timeout). Wall time, the
+# event loop's own delays included: a tighter value takes a busy moment of the worker (a GC pause, a loaded host)
+# for Redis down and fails open for RATE_LIMIT_REDIS_RETRY_S. Kong's default is 2 s, APISIX's 1 s.
+RATE_LIMIT_REDIS_TIMEOUT_S = env.float("RATE_LIMIT_REDIS_TIMEOUT_S", default=0.5)
 # After a failed Redis call the limiter stops trying for this long (its own breaker), then probes again.
 RATE_LIMIT_REDIS_RETRY_S = env.float("RATE_LIMIT_REDIS_RETRY_S", default=1.0)
 # A concurrency lease is dropped this long after its last renewal (a dead worker's in-flight calls free up).

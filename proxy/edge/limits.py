@@ -32,7 +32,10 @@ Redis down: a local breaker. After a failure (socket timeouts are ``RATE_LIMIT_R
 at least 0.5 s, no client retries) Redis is not asked for ``RATE_LIMIT_REDIS_RETRY_S``: ``admit`` answers
 ``unavailable=True`` at once and the caller decides with ``decision.proceed`` (allowed, or unavailable and
 ``RATE_LIMIT_FAIL_OPEN``). The outage is logged at WARNING at most once per interval, never ERROR; limits are
-exact again as soon as Redis answers.
+exact again as soon as Redis answers. A timeout is wall time, the event loop's own delays included, so it must
+stay well above a worker's ordinary pauses (0.5 s by default; at 50 ms a 120 ms pause of a healthy worker read
+as an outage). Concurrency leases an admit may have taken although its answer was lost are released when Redis
+answers again.
 
 Why not the ``limits`` library: it checks one limit per call (``hit(item, *identifiers)``), so several limits
 at once, all-or-nothing, in one round trip is out of reach with it; it has no leases or budgets either.
@@ -402,8 +405,8 @@ return 1
 
 
 def _connect_timeout() -> float:
-    # A burst on a cold pool opens many connections at once (handshake included): 50 ms is too tight for that on
-    # a busy loop. A refused connection (Redis down) fails at once anyway; a black-holed one costs this once,
+    # A burst on a cold pool opens many connections at once (handshake included): tens of ms are too tight for
+    # that on a busy loop. A refused connection (Redis down) fails at once anyway; a black-holed one costs this once,
     # then the breaker answers at once for RATE_LIMIT_REDIS_RETRY_S.
     return max(settings.RATE_LIMIT_REDIS_TIMEOUT_S, 0.5)
 
@@ -418,6 +421,9 @@ class RedisLimiter:
         )
         self._down_until = 0.0
         self._warned_at = -math.inf
+        # Leases an admit may have taken in Redis although its answer was lost (a timeout): released once Redis
+        # answers again, so they do not hold their slots until they lapse.
+        self._orphans: list[tuple[str, list[str]]] = []
 
     def _prefix(self) -> str:
         return f"{settings.CACHE_KEY_PREFIX}:lim:"
@@ -487,11 +493,36 @@ class RedisLimiter:
             raise
         except Exception as exc:  # connection refused, timeout, any Redis error: the breaker
             self._failed(exc)
+            if lease is not None:
+                self._orphans += [
+                    (key, _lease_members(lease, limit.amount))
+                    for key, limit in zip(keys, limits, strict=True)
+                    if limit.kind == "concurrency"
+                ]
             return Decision(allowed=False, unavailable=True, limits=tuple(limits), now=now, backend=self)
+        if self._orphans:
+            orphans, self._orphans = self._orphans, []
+            task = asyncio.get_running_loop().create_task(self._orphans_release(orphans))
+            _background.add(task)
+            task.add_done_callback(_background.discard)
         refused = int(reply[1]) - 1
         used = [float(reply[3 + 2 * i]) for i in range(len(limits))]
         resets = [float(reply[4 + 2 * i]) for i in range(len(limits))]
         return _decision(limits, now, used, resets, refused, float(reply[2]), lease, self)
+
+    async def _orphans_release(self, orphans: list[tuple[str, list[str]]]) -> None:
+        try:
+            client, _, _ = self._client()
+            async with asyncio.timeout(_connect_timeout() + settings.RATE_LIMIT_REDIS_TIMEOUT_S + 0.05):
+                pipe = client.pipeline(transaction=False)
+                for key, members in orphans:
+                    pipe.zrem(key, *members)
+                await pipe.execute()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._failed(exc)
+            self._orphans += orphans
 
     async def settle(self, decision: Decision, actual: Mapping[str, float], now: float) -> None:
         prefix = self._prefix()
@@ -612,6 +643,7 @@ class RedisLimiter:
 
 
 _in_process = InProcessLimiter()
+_background: set[asyncio.Task[None]] = set()
 _redis_limiters: dict[str, RedisLimiter] = {}
 
 
