@@ -4,11 +4,13 @@ The proxy's hot path reads keys and models from process memory: a dict lookup,
 no network. Each ``SyncedLocalCache`` has a namespace whose *generation* lives in
 the shared Django cache (Redis when ``REDIS_URL`` is set, local memory in the
 embedded default). A write anywhere calls ``invalidate()``, which bumps the
-generation; every process compares its generation with the shared one at most
-once per ``CACHE_SYNC_INTERVAL_S`` (default 0.5 s) and drops its entries when it
-changed. So a change is seen everywhere within that interval plus one request,
-and the steady state costs one small Redis GET per interval per process, not
-per request.
+generation; every process compares its generation with the shared one once per
+``CACHE_SYNC_INTERVAL_S`` (default 0.5 s) and drops its entries when it
+changed. So a change is seen everywhere within that interval, and the steady
+state costs one small Redis GET per namespace per interval per process, not per
+request. For reads on an event loop (the proxy) the comparing is done by a
+poller thread, so a slow or hung Redis never stalls the loop; other readers
+compare when they read.
 
 A write must never be acknowledged while its invalidation is lost (a key revoked
 through an instance that cannot reach Redis would keep working elsewhere until
@@ -23,7 +25,10 @@ change was saved but not yet published.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
+import os
 import threading
 import time
 import weakref
@@ -59,6 +64,50 @@ class CacheUnavailable(Exception):
 
 _instances: weakref.WeakSet[SyncedLocalCache[object]] = weakref.WeakSet()
 
+# The poller: one daemon thread per process that checks every namespace's generation each
+# ``CACHE_SYNC_INTERVAL_S`` for the caches read on event loops, started by the first such read (after a fork too).
+_poller_lock = threading.Lock()
+_poller_pid = 0
+_failures_logged: dict[str, float] = {}
+_FAILURE_LOG_INTERVAL_S = 10.0
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _failure_log(namespace: str, exc: Exception) -> None:
+    # Once per namespace per interval: a cache that stays down must not write a traceback twice a second.
+    now = time.monotonic()
+    if now - _failures_logged.get(namespace, -math.inf) >= _FAILURE_LOG_INTERVAL_S:
+        _failures_logged[namespace] = now
+        logger.warning("cache generation check failed for %s: %s: %s", namespace, type(exc).__name__, exc)
+
+
+def _poll_forever() -> None:
+    while True:
+        interval = settings.CACHE_SYNC_INTERVAL_S
+        started = time.monotonic()
+        for instance in list(_instances):
+            if instance._generation is not None and started - instance._checked_at >= interval:
+                instance._checked_at = started
+                instance._check()
+        time.sleep(max(0.01, interval - (time.monotonic() - started)))
+
+
+def _poller_ensure() -> None:
+    global _poller_pid
+    if _poller_pid == os.getpid():
+        return
+    with _poller_lock:
+        if _poller_pid != os.getpid():
+            threading.Thread(target=_poll_forever, name="cache-generation-poller", daemon=True).start()
+            _poller_pid = os.getpid()
+
 
 def local_caches_clear() -> None:
     """Forget every local cache's entries in this process (used between tests)."""
@@ -92,16 +141,27 @@ class SyncedLocalCache(Generic[V]):
         return int(value)
 
     def sync(self, *, force: bool = False) -> None:
-        """Drop local entries if another process invalidated the namespace since the last look."""
+        """Drop local entries if another process invalidated the namespace since the last look.
+
+        Once the namespace's generation is known, on a thread running an event loop (the proxy's hot path) the
+        look is the poller thread's (``_poller_ensure``): the loop never waits for the shared cache, even a hung
+        one. Elsewhere, and for the first look, it is made here, at most once per ``CACHE_SYNC_INTERVAL_S``.
+        """
+        if not force and self._generation is not None and _on_event_loop():
+            _poller_ensure()
+            return  # the first look (no generation yet) is made here: shared entries are keyed by it
         now = time.monotonic()
         if not force and now - self._checked_at < settings.CACHE_SYNC_INTERVAL_S:
             return
         self._checked_at = now
+        self._check()
+
+    def _check(self) -> None:
         try:
             generation = self._shared_generation()
-        except Exception:
+        except Exception as exc:
             # The shared cache is down: keep serving from memory; entries still expire by TTL.
-            logger.warning("cache generation check failed for %s", self.namespace, exc_info=True)
+            _failure_log(self.namespace, exc)
             return
         if generation != self._generation:
             with self._lock:
