@@ -360,7 +360,7 @@ try:
 except (ZoneInfoNotFoundError, ValueError):
     raise environ.ImproperlyConfigured(
         f"BUDGET_TIMEZONE={BUDGET_TIMEZONE!r} is not an IANA time zone (e.g. Europe/Paris)."
-    )
+    ) from None
 # How often the beat task proxy.limits_reconcile rebuilds the budget counters from the ledger (lost ones after a
 # Redis flush or restart, or counts below the ledger's); in-process without a broker.
 RATE_LIMIT_RECONCILE_S = env.float("RATE_LIMIT_RECONCILE_S", default=60.0)
