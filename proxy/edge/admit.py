@@ -79,7 +79,11 @@ class Admission:
         actual: dict[str, float] = {}
         for key, what in self.settles.items():
             actual[key] = float(event.total_tokens) if what == "tokens" else float(event.cost)
-        _schedule(limits.settle(self.decision, actual))
+        backend = self.decision.backend
+        if isinstance(backend, limits.InProcessLimiter):
+            backend.settle_now(self.decision, actual, time.time())  # no I/O: no task needed
+        else:
+            _schedule(limits.settle(self.decision, actual))
 
 
 def _schedule(work: Any) -> None:

@@ -162,6 +162,10 @@ class InProcessLimiter:
         self._lock = threading.Lock()
         self._windows: dict[str, dict[int, float]] = {}
         self._window_s: dict[str, float] = {}  # each window's length, for the sweep
+        # Per window: its buckets' sum and its oldest bucket, so an admit neither sums nor scans the buckets
+        # (they are purged when the oldest leaves the window: at most once a second per window).
+        self._totals: dict[str, float] = {}
+        self._oldest: dict[str, int] = {}
         self._leases: dict[str, dict[str, float]] = {}
         self._budgets: dict[str, tuple[float, float]] = {}  # counter key -> (spent, period_end)
         self._checks = 0
@@ -170,6 +174,8 @@ class InProcessLimiter:
         with self._lock:
             self._windows.clear()
             self._window_s.clear()
+            self._totals.clear()
+            self._oldest.clear()
             self._leases.clear()
             self._budgets.clear()
 
@@ -179,6 +185,8 @@ class InProcessLimiter:
         for key in [k for k, b in self._windows.items() if not b or max(b) < sec - self._window_s.get(k, 0)]:
             del self._windows[key]
             self._window_s.pop(key, None)
+            self._totals.pop(key, None)
+            self._oldest.pop(key, None)
         for key in [k for k, members in self._leases.items() if all(exp <= now for exp in members.values())]:
             del self._leases[key]
         for key in [k for k, (_, end) in self._budgets.items() if end < now]:
@@ -199,17 +207,28 @@ class InProcessLimiter:
                 u, reset = 0.0, 0.0
                 if limit.kind in _WINDOW_KINDS:
                     first = sec - int(limit.window_s)
-                    buckets = self._windows.setdefault(key, {})
-                    self._window_s[key] = limit.window_s
-                    for s in [s for s in buckets if s < first]:
-                        del buckets[s]
-                    ordered = sorted(buckets.items())
-                    u = sum(c for _, c in ordered)
-                    if ordered:
-                        reset = ordered[0][0] + limit.window_s + 1 - now
+                    buckets = self._windows.get(key)
+                    if buckets is None:
+                        buckets = self._windows[key] = {}
+                        self._window_s[key] = limit.window_s
+                        self._totals[key] = 0.0
+                    oldest = self._oldest.get(key)
+                    if oldest is not None and oldest < first:
+                        for s in [s for s in buckets if s < first]:
+                            del buckets[s]
+                        self._totals[key] = sum(buckets.values())
+                        oldest = min(buckets) if buckets else None
+                        if oldest is None:
+                            del self._oldest[key]
+                        else:
+                            self._oldest[key] = oldest
+                    u = self._totals[key]
+                    if oldest is not None:
+                        reset = oldest + limit.window_s + 1 - now
                     if refused < 0 and u + limit.amount > limit.limit:
                         refused, retry = i, limit.window_s
                         freed = 0.0
+                        ordered = sorted(buckets.items())
                         for s, c in ordered if limit.amount <= limit.limit else ():
                             freed += c
                             if u - freed + limit.amount <= limit.limit:
@@ -239,6 +258,10 @@ class InProcessLimiter:
                     if limit.kind in _WINDOW_KINDS:
                         buckets = self._windows[key]
                         buckets[sec] = buckets.get(sec, 0) + limit.amount
+                        self._totals[key] += limit.amount
+                        oldest = self._oldest.get(key)
+                        if oldest is None or sec < oldest:
+                            self._oldest[key] = sec
                     elif limit.kind == "concurrency":
                         for m in _lease_members(lease or "", limit.amount):
                             self._leases[key][m] = expiry
@@ -248,6 +271,10 @@ class InProcessLimiter:
         return _decision(limits, now, used, resets, refused, retry, lease, self)
 
     async def settle(self, decision: Decision, actual: Mapping[str, float], now: float) -> None:
+        self.settle_now(decision, actual, now)
+
+    def settle_now(self, decision: Decision, actual: Mapping[str, float], now: float) -> None:
+        """``settle``, without a coroutine: nothing here waits (the admit stage calls it directly)."""
         sec = math.floor(decision.now)
         with self._lock:
             for limit in decision.limits:
@@ -263,7 +290,9 @@ class InProcessLimiter:
                 if limit.kind == "tokens":
                     buckets = self._windows.get(key, {})
                     if sec in buckets and sec >= math.floor(now) - limit.window_s:
-                        buckets[sec] = max(0.0, buckets[sec] + delta)
+                        settled = max(0.0, buckets[sec] + delta)
+                        self._totals[key] += settled - buckets[sec]
+                        buckets[sec] = settled
                 elif key in self._budgets:
                     spent, end = self._budgets[key]
                     self._budgets[key] = (max(0.0, spent + delta), end)
