@@ -453,6 +453,7 @@ class RedisLimiter:
         # Leases an admit may have taken in Redis although its answer was lost (a timeout): released once Redis
         # answers again, so they do not hold their slots until they lapse.
         self._orphans: list[tuple[str, list[str]]] = []
+        self._settles: dict[asyncio.AbstractEventLoop, tuple[asyncio.Future[None], list[Any]]] = {}
 
     def _prefix(self) -> str:
         return f"{settings.CACHE_KEY_PREFIX}:lim:"
@@ -568,13 +569,50 @@ class RedisLimiter:
                 args += [kind, repr(float(actual[limit.key] - limit.amount)), int(limit.window_s)]
         if not self._available():
             return
+        # Settles of one loop iteration go together, as one pipeline: one round trip (and one wake-up of Redis)
+        # for all of them. The first one waits a loop iteration for the others, sends them all, and every one of
+        # them returns once the batch is applied.
+        loop = asyncio.get_running_loop()
+        batch = self._settles.get(loop)
+        if batch is not None:
+            batch[1].append((keys, args))
+            await asyncio.shield(batch[0])
+            return
+        batch = self._settles[loop] = (loop.create_future(), [(keys, args)])
         try:
-            _, _, settle_script = self._client()
-            await self._call(settle_script, keys, args)
+            await asyncio.sleep(0)
+        finally:
+            del self._settles[loop]
+        try:
+            await self._settle_batch(batch[1])
+        finally:
+            batch[0].set_result(None)
+
+    async def _settle_batch(self, items: list[tuple[list[str], list[Any]]]) -> None:
+        from redis.exceptions import NoScriptError
+
+        try:
+            client, _, settle_script = self._client()
+            async with asyncio.timeout(_connect_timeout() + settings.RATE_LIMIT_REDIS_TIMEOUT_S * 3 + 0.05):
+                results = await self._settle_pipeline(client, settle_script.sha, items)
+                if any(isinstance(result, NoScriptError) for result in results):
+                    await client.script_load(_SETTLE_LUA)  # Redis forgot the script (a restart, SCRIPT FLUSH)
+                    missed = [item for item, got in zip(items, results, strict=True) if isinstance(got, Exception)]
+                    results = await self._settle_pipeline(client, settle_script.sha, missed)
+            failure = next((result for result in results if isinstance(result, Exception)), None)
+            if failure is not None:
+                raise failure
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self._failed(exc)
+
+    @staticmethod
+    async def _settle_pipeline(client: Any, sha: str, items: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        for keys, args in items:
+            pipe.evalsha(sha, len(keys), *keys, *args)
+        return list(await pipe.execute(raise_on_error=False))
 
     async def renew(self, decision: Decision, now: float) -> None:
         if decision.lease is None or not self._available():

@@ -88,6 +88,20 @@ async def test_admit_works_after_redis_forgot_the_script(raw_redis: Any) -> None
     assert not (await limits.admit([rpm])).allowed
 
 
+@pytest.mark.usefixtures("_forget")
+async def test_settles_of_one_moment_go_as_one_batch_and_survive_a_forgotten_script(raw_redis: Any) -> None:
+    tpm = Limit(key="k:batch:tpm", kind="tokens", limit=100, amount=40)
+    slot = Limit(key="k:batch:conc", kind="concurrency", limit=3)
+    admitted = [await limits.admit([tpm, slot]) for _ in range(2)]
+    assert all(decision.allowed for decision in admitted)
+    await raw_redis.script_flush()  # the settle script is gone too: the batch loads it and sends it again
+    await asyncio.gather(*(limits.settle(decision, {"k:batch:tpm": 5}) for decision in admitted))
+    after = await limits.admit([tpm, slot])
+    assert after.allowed
+    assert after.remaining["k:batch:tpm"] == 100 - 5 - 5 - 40, "both calls settled to their real 5 tokens"
+    assert after.remaining["k:batch:conc"] == 2, "both slots released"
+
+
 async def test_unreachable_redis_answers_unavailable_at_once_and_warns_once(
     settings: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
