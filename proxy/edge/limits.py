@@ -23,8 +23,10 @@ it never delays anyone; the function itself is exact.
 
 Backends, chosen by ``settings.REDIS_URL``: in-process (dicts; exact within one process: the embedded
 default) and Redis (exact across processes): ONE round trip per admit, a Lua script (``_ADMIT_LUA``, its
-semantics documented beside it) sent with EVALSHA, falling back to EVAL when Redis answers NOSCRIPT (redis-py's
-``Script`` object does exactly that). Keys are ``{CACHE_KEY_PREFIX}:lim:<limit key>`` and every one carries a
+semantics documented beside it) sent with EVALSHA, the script loaded again when Redis answers NOSCRIPT. The
+admits (and the settles) of one event-loop iteration share that round trip: they go as one pipeline, each its
+own atomic script, so a busy worker wakes Redis once per batch rather than once per call. Keys are
+``{CACHE_KEY_PREFIX}:lim:<limit key>`` and every one carries a
 TTL, so nothing accumulates. Clocks: the caller's ``now`` (time.time()) is used, so workers must have
 synchronised clocks (NTP); it also makes the windows testable.
 
@@ -453,7 +455,7 @@ class RedisLimiter:
         # Leases an admit may have taken in Redis although its answer was lost (a timeout): released once Redis
         # answers again, so they do not hold their slots until they lapse.
         self._orphans: list[tuple[str, list[str]]] = []
-        self._settles: dict[asyncio.AbstractEventLoop, tuple[asyncio.Future[None], list[Any]]] = {}
+        self._batches: dict[tuple[asyncio.AbstractEventLoop, str], list[Any]] = {}
 
     def _prefix(self) -> str:
         return f"{settings.CACHE_KEY_PREFIX}:lim:"
@@ -494,11 +496,6 @@ class RedisLimiter:
                 retry_s,
             )
 
-    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        # The socket timeouts bound each step; this bounds the whole call (a NOSCRIPT fallback is two steps).
-        async with asyncio.timeout(_connect_timeout() + settings.RATE_LIMIT_REDIS_TIMEOUT_S * 2 + 0.05):
-            return await script(keys=keys, args=args)
-
     async def admit(self, limits: Sequence[Limit], now: float) -> Decision:
         if not self._available():
             return Decision(allowed=False, unavailable=True, limits=tuple(limits), now=now, backend=self)
@@ -517,8 +514,7 @@ class RedisLimiter:
                 left = (limit.period_end or now) - now
                 args += ["b", limit.limit, limit.amount, left, left + 60]
         try:
-            _, admit_script, _ = self._client()
-            reply = await self._call(admit_script, keys, args)
+            reply = await self._batched("admit", keys, args)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # connection refused, timeout, any Redis error: the breaker
@@ -569,48 +565,67 @@ class RedisLimiter:
                 args += [kind, repr(float(actual[limit.key] - limit.amount)), int(limit.window_s)]
         if not self._available():
             return
-        # Settles of one loop iteration go together, as one pipeline: one round trip (and one wake-up of Redis)
-        # for all of them. The first one waits a loop iteration for the others, sends them all, and every one of
-        # them returns once the batch is applied.
-        loop = asyncio.get_running_loop()
-        batch = self._settles.get(loop)
-        if batch is not None:
-            batch[1].append((keys, args))
-            await asyncio.shield(batch[0])
-            return
-        batch = self._settles[loop] = (loop.create_future(), [(keys, args)])
         try:
-            await asyncio.sleep(0)
-        finally:
-            del self._settles[loop]
-        try:
-            await self._settle_batch(batch[1])
-        finally:
-            batch[0].set_result(None)
-
-    async def _settle_batch(self, items: list[tuple[list[str], list[Any]]]) -> None:
-        from redis.exceptions import NoScriptError
-
-        try:
-            client, _, settle_script = self._client()
-            async with asyncio.timeout(_connect_timeout() + settings.RATE_LIMIT_REDIS_TIMEOUT_S * 3 + 0.05):
-                results = await self._settle_pipeline(client, settle_script.sha, items)
-                if any(isinstance(result, NoScriptError) for result in results):
-                    await client.script_load(_SETTLE_LUA)  # Redis forgot the script (a restart, SCRIPT FLUSH)
-                    missed = [item for item, got in zip(items, results, strict=True) if isinstance(got, Exception)]
-                    results = await self._settle_pipeline(client, settle_script.sha, missed)
-            failure = next((result for result in results if isinstance(result, Exception)), None)
-            if failure is not None:
-                raise failure
+            await self._batched("settle", keys, args)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self._failed(exc)
 
+    async def _batched(self, which: str, keys: list[str], args: list[Any]) -> Any:
+        """Run the ``which`` script ("admit" or "settle") with ``keys`` and ``args``; its reply.
+
+        The calls of one loop iteration go together, as one pipeline: one round trip, and one wake-up of Redis,
+        for all of them (each stays its own atomic script). The first one schedules the batch's send (a task,
+        so a caller cancelled meanwhile cannot strand the others); each waits for its own reply.
+        """
+        loop = asyncio.get_running_loop()
+        slot = (loop, which)
+        future: asyncio.Future[Any] = loop.create_future()
+        batch = self._batches.get(slot)
+        if batch is None:
+            batch = self._batches[slot] = []
+            loop.call_soon(self._batch_send, slot)
+        batch.append((keys, args, future))
+        return await future
+
+    def _batch_send(self, slot: tuple[asyncio.AbstractEventLoop, str]) -> None:
+        items = self._batches.pop(slot)
+        task = slot[0].create_task(self._batch_run(slot[1], items))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    async def _batch_run(self, which: str, items: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> None:
+        from redis.exceptions import NoScriptError
+
+        try:
+            client, admit_script, settle_script = self._client()
+            script, source = (admit_script, _ADMIT_LUA) if which == "admit" else (settle_script, _SETTLE_LUA)
+            async with asyncio.timeout(_connect_timeout() + settings.RATE_LIMIT_REDIS_TIMEOUT_S * 3 + 0.05):
+                results = await self._pipeline(client, script.sha, items)
+                if any(isinstance(result, NoScriptError) for result in results):
+                    await client.script_load(source)  # Redis forgot the script (a restart, SCRIPT FLUSH)
+                    again = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+                    retried = await self._pipeline(client, script.sha, [items[i] for i in again])
+                    for i, result in zip(again, retried, strict=True):
+                        results[i] = result
+        except Exception as exc:  # the connection, a timeout: every call of the batch fails alike
+            for _, _, future in items:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, _, future), result in zip(items, results, strict=True):
+            if future.done():
+                continue  # its caller was cancelled
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
     @staticmethod
-    async def _settle_pipeline(client: Any, sha: str, items: list[tuple[list[str], list[Any]]]) -> list[Any]:
+    async def _pipeline(client: Any, sha: str, items: list[tuple[list[str], list[Any], Any]]) -> list[Any]:
         pipe = client.pipeline(transaction=False)
-        for keys, args in items:
+        for keys, args, _ in items:
             pipe.evalsha(sha, len(keys), *keys, *args)
         return list(await pipe.execute(raise_on_error=False))
 
