@@ -7,57 +7,35 @@ embedded server's in-process counters start empty: this puts back what the ledge
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections
 
-from apiforge.unavailable import DATABASE_ERRORS
+from proxy.in_process_jobs import job_every, job_run, job_stop
 
 logger = logging.getLogger(__name__)
 
 _task: asyncio.Task[None] | None = None
+_WHAT = "budget counters reconcile"
 
 
 def _reconcile() -> None:
     from proxy.limit_reconcile import limits_reconcile
 
-    try:
-        limits_reconcile()
-    finally:
-        close_old_connections()
-
-
-async def _once() -> None:
-    try:
-        # A thread of its own (not the loop's): the ORM is sync, and the limiter calls run on a loop there.
-        await sync_to_async(_reconcile, thread_sensitive=False)()
-    except DATABASE_ERRORS:
-        logger.warning("budget counters reconcile skipped: the database is unreachable")
-    except Exception:
-        logger.exception("budget counters reconcile failed")
-
-
-async def _run(interval: float) -> None:
-    while True:
-        await asyncio.sleep(interval)
-        await _once()
+    # A thread of its own (not the loop's): the ORM is sync, and the limiter calls run on a loop there.
+    limits_reconcile()
 
 
 async def limit_reconciler_start() -> None:
     """When tasks run in-process (no broker: nothing else would run it): reconcile now, then periodically."""
     global _task
     if settings.CELERY_TASK_ALWAYS_EAGER and _task is None:
-        await _once()
-        _task = asyncio.create_task(_run(settings.RATE_LIMIT_RECONCILE_S), name="limits-reconciler")
+        await job_run(_reconcile, _WHAT, logger)
+        every = job_every(settings.RATE_LIMIT_RECONCILE_S, _reconcile, _WHAT, logger)
+        _task = asyncio.create_task(every, name="limits-reconciler")
 
 
 async def limit_reconciler_stop() -> None:
     global _task
     task, _task = _task, None
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await job_stop(task)
