@@ -16,9 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin
-from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
-from django.contrib.auth.forms import AdminUserCreationForm, UserChangeForm, UsernameField
+from django.contrib.auth.forms import UsernameField
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest
@@ -26,12 +25,14 @@ from django.http import HttpRequest
 # Imported first so that its registrations exist to be replaced below, whatever the app order.
 from rest_framework_simplejwt.token_blacklist import admin as token_blacklist_admin
 from rest_framework_simplejwt.token_blacklist.models import BlacklistedToken, OutstandingToken
+from unfold.admin import ModelAdmin
+from unfold.forms import AdminPasswordChangeForm, AuthenticationForm, UserChangeForm, UserCreationForm
 
 from accounts.exceptions import LoginThrottled
 from accounts.models import User
 
 
-class UserCreationAdminForm(AdminUserCreationForm):
+class UserCreationAdminForm(UserCreationForm):
     class Meta:
         model = User
         fields = ("username", "email", "display_name")
@@ -46,9 +47,10 @@ class UserChangeAdminForm(UserChangeForm):
 
 
 @admin.register(User)
-class UserAdmin(DjangoUserAdmin):
+class UserAdmin(DjangoUserAdmin, ModelAdmin):
     form = UserChangeAdminForm
     add_form = UserCreationAdminForm
+    change_password_form = AdminPasswordChangeForm
     fieldsets = (
         (None, {"fields": ("username", "password")}),
         ("Personal info", {"fields": ("email", "display_name", "first_name", "last_name")}),
@@ -97,7 +99,7 @@ class UserAdmin(DjangoUserAdmin):
             user.delete()
 
 
-class ThrottledAdminAuthenticationForm(AdminAuthenticationForm):
+class ThrottledAdminAuthenticationForm(AuthenticationForm):
     """The admin login form: a locked-out username or address gets the throttle's message, not a password check."""
 
     def clean(self) -> dict[str, Any]:
@@ -110,7 +112,7 @@ class ThrottledAdminAuthenticationForm(AdminAuthenticationForm):
 admin.site.login_form = ThrottledAdminAuthenticationForm
 
 
-class _ReadOnlyAdmin(admin.ModelAdmin):
+class _ReadOnlyAdmin(ModelAdmin):
     actions = None
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:

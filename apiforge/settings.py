@@ -56,7 +56,10 @@ ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=[] if IS_PRODUCTION else ["*"]
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    # Unfold (the admin's theme) must come before the admin, whose templates it overrides.
+    "unfold",
+    "unfold.contrib.filters",
+    "apiforge.apps.AdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -300,6 +303,23 @@ SPECTACULAR_SETTINGS = {
         "drf_spectacular.hooks.postprocess_schema_enums",
         "apiforge.schema.error_responses_and_strict_bodies",  # the error answers every operation can give
     ],
+}
+
+# --- Admin (Unfold theme: apiforge/admin_site.py; every asset from our static files) ----------------
+UNFOLD = {
+    "SITE_TITLE": "APIForge",
+    "SITE_HEADER": "APIForge",
+    "SITE_SUBHEADER": "API gateway control room",
+    "SITE_URL": "/",
+    "SITE_SYMBOL": "hub",
+    "SHOW_HISTORY": True,
+    "SHOW_VIEW_ON_SITE": True,
+    "DASHBOARD_CALLBACK": None,
+    "SIDEBAR": {
+        "show_search": True,
+        "show_all_applications": False,
+        "navigation": "apiforge.admin_site.sidebar_navigation",
+    },
 }
 
 # --- Security ------------------------------------------------------------------

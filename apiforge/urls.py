@@ -1,13 +1,14 @@
-"""URL wiring: admin, auth, management API, docs, health, and the proxy's Django views."""
+"""URL wiring: the landing page, admin, auth, management API, docs, health, and the proxy's Django views."""
 
 from django.contrib import admin
 from django.contrib.staticfiles.urls import staticfiles_urlpatterns
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
-from apiforge import health, metrics
+from apiforge import health, metrics, views
 
 urlpatterns = [
+    path("", views.landing, name="landing"),
     path("admin/", admin.site.urls),
     path("auth/", include("accounts.urls")),
     path("api/", include("keys.urls")),

@@ -17,6 +17,7 @@ from django.db.models import Model, QuerySet
 from django.http import HttpRequest
 from django.urls import NoReverseMatch, reverse
 from django.utils.html import format_html
+from unfold.admin import ModelAdmin
 
 from gateway_stats.models import AuditEvent, UsageRecord
 
@@ -32,7 +33,7 @@ def _change_link(app_label: str, model_name: str, object_id: Any, text: Any) -> 
     return format_html('<a href="{}">{}</a>', url, text)
 
 
-class _ReadOnlyAdmin(admin.ModelAdmin):
+class _ReadOnlyAdmin(ModelAdmin):
     actions = None
     show_full_result_count = False  # one COUNT(*) per page is enough on a large table
 
@@ -151,3 +152,7 @@ class AuditEventAdmin(_ReadOnlyAdmin):
         except (LookupError, ValueError):
             return False
         return self.admin_site.is_registered(model)
+
+
+import gateway_stats.admin_live  # noqa: E402, F401 - registers the live traffic page
+import gateway_stats.admin_rollups  # noqa: E402, F401 - registers the rollup re-run page

@@ -18,6 +18,7 @@ from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.cache import patch_cache_control
+from unfold.admin import ModelAdmin
 
 from apiforge.audit import audit_context
 from keys.models import ApiKey
@@ -100,7 +101,7 @@ class RotateForm(forms.Form):
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
+class ApiKeyAdmin(ModelAdmin):
     form = ApiKeyAdminForm
     list_display = [
         "prefix",

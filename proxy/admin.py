@@ -20,6 +20,8 @@ from django.db.models import ForeignKey, QuerySet
 from django.forms import ModelChoiceField
 from django.forms.models import construct_instance
 from django.http import HttpRequest
+from unfold.admin import ModelAdmin as UnfoldModelAdmin
+from unfold.admin import TabularInline
 
 from apiforge.audit import audit_context
 from proxy.admin_formsets import ServiceSavedInlineFormSet
@@ -115,7 +117,7 @@ class UpstreamAdminForm(forms.ModelForm):
 
 
 @admin.register(Upstream)
-class UpstreamAdmin(admin.ModelAdmin):
+class UpstreamAdmin(UnfoldModelAdmin):
     form = UpstreamAdminForm
     list_display = ["name", "kind", "base_url", "is_active", "has_key", "timeout_s", "max_retries", "updated_at"]
     list_filter = ["kind", "is_active"]
@@ -181,7 +183,7 @@ class DeploymentInlineFormSet(ServiceSavedInlineFormSet):
                 raise ValidationError(errors)
 
 
-class DeploymentInline(admin.TabularInline):
+class DeploymentInline(TabularInline):
     model = Deployment
     formset = DeploymentInlineFormSet
     extra = 1
@@ -217,7 +219,7 @@ class ModelAdminForm(forms.ModelForm):
 
 
 @admin.register(Model)
-class ModelAdmin(admin.ModelAdmin):
+class ModelAdmin(UnfoldModelAdmin):
     form = ModelAdminForm
     inlines = [DeploymentInline]
     list_display = ["name", "is_active", "input_price_per_1k", "output_price_per_1k", "deployment_count", "updated_at"]
@@ -278,4 +280,5 @@ class ModelAdmin(admin.ModelAdmin):
             model_delete(model=model, **audit)
 
 
+import proxy.admin_playground  # noqa: E402, F401 - registers the playground page
 import proxy.route_admin  # noqa: E402, F401 - registers the route admin (routes with inline targets)

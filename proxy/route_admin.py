@@ -22,6 +22,7 @@ from django.forms.models import construct_instance
 from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
+from unfold.admin import ModelAdmin, TabularInline
 
 from apiforge.audit import audit_context
 from proxy.admin_formsets import ServiceSavedInlineFormSet
@@ -160,7 +161,7 @@ class RouteTargetInlineFormSet(ServiceSavedInlineFormSet):
             )
 
 
-class RouteTargetInline(admin.TabularInline):
+class RouteTargetInline(TabularInline):
     model = RouteTarget
     form = RouteTargetForm
     formset = RouteTargetInlineFormSet
@@ -207,7 +208,7 @@ def _lease_state(route: Route) -> str:
 
 
 @admin.register(Route)
-class RouteAdmin(admin.ModelAdmin):
+class RouteAdmin(ModelAdmin):
     form = RouteAdminForm
     inlines = [RouteTargetInline]
     list_display = ["name", "path", "version", "auth", "target_count", "is_active", "lease", "deprecated", "updated_at"]

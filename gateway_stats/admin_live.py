@@ -1,0 +1,1 @@
+"""Admin page module (filled in by issue 13's work)."""

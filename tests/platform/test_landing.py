@@ -1,0 +1,26 @@
+"""``/`` answers with a small landing page linking to the admin, the docs and health (it used to be a 404)."""
+
+from django.test import Client
+
+
+def test_the_root_is_a_landing_page_with_the_links_a_visitor_needs(client: Client) -> None:
+    response = client.get("/")
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/html")
+    body = response.content.decode()
+    for link in ('href="/admin/"', 'href="/docs"', 'href="/health"'):
+        assert link in body
+    assert "<title>APIForge</title>" in body
+
+
+def test_the_landing_page_only_answers_reads(client: Client) -> None:
+    response = client.post("/")
+    assert response.status_code == 405
+    assert response["Allow"] == "GET, HEAD"
+
+
+def test_the_admin_is_branded_and_view_site_points_at_the_landing_page(admin_client: Client) -> None:
+    body = admin_client.get("/admin/").content.decode()
+    assert "APIForge" in body
+    assert "Django administration" not in body
+    assert 'href="/"' in body
