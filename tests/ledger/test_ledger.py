@@ -157,6 +157,9 @@ def broker_unreachable(settings):
     settings.USAGE_TRANSPORT = "celery"
     settings.USAGE_TRANSPORT_RETRY_S = 0
     saved = celery_app.conf.broker_url, celery_app.conf.broker_write_url
+    saved_eager = celery_app.conf.task_always_eager
+    # The embedded default (no broker configured) runs tasks eagerly, which never reaches a broker: publish for real.
+    celery_app.conf.task_always_eager = False
     celery_app.conf.broker_url = celery_app.conf.broker_write_url = "redis://127.0.0.1:1/0"
     # New pools for the unreachable URL; the real broker's pools stay open: kombu keeps them in a registry
     # keyed by URL, so closing one here would hand a closed pool to every later publish.
@@ -165,6 +168,7 @@ def broker_unreachable(settings):
     yield
     celery_app.pool.force_close_all()  # the unreachable URL's pool
     celery_app.conf.broker_url, celery_app.conf.broker_write_url = saved
+    celery_app.conf.task_always_eager = saved_eager
     celery_app._pool = None
     celery_app.amqp._producer_pool = None
 
