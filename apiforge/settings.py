@@ -314,7 +314,7 @@ UNFOLD = {
     "SITE_SYMBOL": "hub",
     "SHOW_HISTORY": True,
     "SHOW_VIEW_ON_SITE": True,
-    "DASHBOARD_CALLBACK": None,
+    "DASHBOARD_CALLBACK": "apiforge.dashboard.dashboard_callback",
     "SIDEBAR": {
         "show_search": True,
         "show_all_applications": False,
