@@ -26,6 +26,8 @@ from gateway_stats.usage import emitter
 
 # Keys (by spend) and models (by cost) shown.
 TOP = 10
+# Chart colours: Unfold's theme variables (its chart script resolves them) and a red for errors.
+_PRIMARY, _PRIMARY_LIGHT, _RED = "var(--color-primary-600)", "var(--color-primary-300)", "#dc2626"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,12 +69,14 @@ class Card:
 
 @dataclass(frozen=True, slots=True)
 class Chart:
-    """A chart for Unfold's chart script: ``data`` is Chart.js ``data`` as JSON (``labels``, ``datasets``)."""
+    """A chart for Unfold's chart script: ``data`` is Chart.js ``data`` as JSON (``labels``, ``datasets``);
+    ``legend`` the datasets' (label, colour), shown under it (Unfold's chart options hide Chart.js's own)."""
 
     name: str
     title: str
     type: str
     data: str
+    legend: tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,8 +213,10 @@ def _cards(current: UsageNumbers, previous: UsageNumbers, period: Period) -> lis
 # --- charts ----------------------------------------------------------------------------------------------
 
 
-def _json(labels: list[str], datasets: list[dict[str, Any]]) -> str:
-    return json.dumps({"labels": labels, "datasets": datasets})
+def _chart(name: str, title: str, kind: str, labels: list[str], datasets: list[dict[str, Any]]) -> Chart:
+    data = json.dumps({"labels": labels, "datasets": datasets})
+    legend = tuple((dataset["label"], dataset["borderColor"]) for dataset in datasets)
+    return Chart(name=name, title=title, type=kind, data=data, legend=legend)
 
 
 def _dataset(label: str, data: list[Any], color: str, **extra: Any) -> dict[str, Any]:
@@ -231,44 +237,32 @@ def _time_charts(start: datetime, end: datetime, period: Period, points: dict[da
     numbers = [points.get(bucket, empty) for bucket in buckets]
     latencies = [one.latency_percentiles() for one in numbers]
     axis = {"displayYAxis": True}
-    requests = _json(
-        labels,
-        [
-            _dataset("Requests", [one.requests for one in numbers], "var(--color-primary-600)", **axis),
-            _dataset("Errors", [one.errors for one in numbers], "#dc2626"),
-        ],
-    )
-    latency = _json(
-        labels,
-        [
-            _dataset("p50 (ms)", [values[0] for values in latencies], "var(--color-primary-300)", **axis),
-            _dataset("p95 (ms)", [values[1] for values in latencies], "var(--color-primary-600)"),
-            _dataset("p99 (ms)", [values[2] for values in latencies], "#dc2626"),
-        ],
-    )
+    requests = [
+        _dataset("Requests", [one.requests for one in numbers], _PRIMARY, **axis),
+        _dataset("Errors", [one.errors for one in numbers], _RED),
+    ]
+    latency = [
+        _dataset("p50", [values[0] for values in latencies], _PRIMARY_LIGHT, **axis),
+        _dataset("p95", [values[1] for values in latencies], _PRIMARY),
+        _dataset("p99", [values[2] for values in latencies], _RED),
+    ]
     return [
-        Chart("requests", "Requests and errors", "line", requests),
-        Chart("latency", "Latency percentiles (ms)", "line", latency),
+        _chart("requests", "Requests and errors", "line", labels, requests),
+        _chart("latency", "Latency percentiles (ms)", "line", labels, latency),
     ]
 
 
 def _model_charts(summary: UsageSummary) -> list[Chart]:
+    """Tokens and cost of the period's top models by cost ("(no model)": gateway route calls, and calls refused
+    before a model was known). One dataset each: Unfold's bars overlap rather than stack."""
     models = summary.top_models
-    labels = [entry.label or "(none)" for entry in models]
+    labels = [entry.label or "(no model)" for entry in models]
     axis = {"displayYAxis": True, "maxBarThickness": 24}
-    tokens = _json(
-        labels,
-        [
-            _dataset("Prompt tokens", [e.numbers.prompt_tokens for e in models], "var(--color-primary-600)", **axis),
-            _dataset("Completion tokens", [e.numbers.completion_tokens for e in models], "var(--color-primary-300)"),
-        ],
-    )
-    cost = _json(
-        labels, [_dataset("Cost", [float(e.numbers.cost) for e in models], "var(--color-primary-600)", **axis)]
-    )
+    tokens = [entry.numbers.total_tokens for entry in models]
+    cost = [float(entry.numbers.cost) for entry in models]
     return [
-        Chart("tokens-by-model", "Tokens by model", "bar", tokens),
-        Chart("cost-by-model", "Cost by model", "bar", cost),
+        _chart("tokens-by-model", "Tokens by model", "bar", labels, [_dataset("Tokens", tokens, _PRIMARY, **axis)]),
+        _chart("cost-by-model", "Cost by model", "bar", labels, [_dataset("Cost", cost, _PRIMARY, **axis)]),
     ]
 
 
