@@ -1,13 +1,16 @@
-"""WebSocket routes (Channels). The live traffic feed (`/ws/events/`) joins here in its issue.
+"""WebSocket routes (Channels): the staff live feed at ``/ws/events/``; any other path is refused.
 
-Until then every WebSocket path is refused cleanly (close code 4404) instead of Channels raising
-"No route found", which a server logs as an error with a traceback.
+A path no consumer serves is closed cleanly (close code 4404) instead of Channels raising "No route found",
+which a server logs as an error with a traceback. ``apiforge.asgi`` wraps these routes in the session
+authentication (``AuthMiddlewareStack``) the live feed's staff check reads.
 """
 
 from typing import Any
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.urls import re_path
+
+from gateway_stats.live import StaffEventsConsumer
 
 
 class NoRouteConsumer(AsyncWebsocketConsumer):
@@ -19,4 +22,7 @@ class NoRouteConsumer(AsyncWebsocketConsumer):
         await self.close(code=4404)
 
 
-websocket_urlpatterns: list[Any] = [re_path(r"", NoRouteConsumer.as_asgi())]
+websocket_urlpatterns: list[Any] = [
+    re_path(r"^ws/events/$", StaffEventsConsumer.as_asgi()),
+    re_path(r"", NoRouteConsumer.as_asgi()),
+]

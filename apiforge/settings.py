@@ -57,7 +57,7 @@ CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
 INSTALLED_APPS = [
     # Unfold (the admin's theme) must come before the admin, whose templates it overrides.
-    "unfold",
+    "unfold.apps.BasicAppConfig",  # not "unfold": its default config replaces admin.site with a plain Unfold site
     "unfold.contrib.filters",
     "apiforge.apps.AdminConfig",
     "django.contrib.auth",
