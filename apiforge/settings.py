@@ -260,7 +260,7 @@ REGISTRATION_ENUMERATION_SAFE = env.bool("REGISTRATION_ENUMERATION_SAFE", defaul
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework_simplejwt.authentication.JWTAuthentication",
+        "keys.credentials.ManagementJwtAuthentication",  # simplejwt's, naming the credential expected
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],

@@ -132,7 +132,12 @@ class ApiKeySerializer(StrictFieldsMixin, serializers.ModelSerializer):
         read_only_fields = ["id", "prefix", "created_at", "last_used_at", "revoked_at", "previous_valid_until", "owner"]
         extra_kwargs = {
             "prefix": {"help_text": "The first 12 characters of the secret, to tell keys apart."},
-            "is_active": {"help_text": "False stops the key at once; true lets a disabled (not revoked) key work."},
+            "is_active": {
+                "help_text": "False stops the key at once; true lets a disabled (not revoked) key work.",
+                # The browsable API's form starts with an active key: a key made by filling only the name works.
+                "initial": True,
+            },
+            "budget_period": {"initial": "month"},  # the model's default, so the pre-filled form can be sent as is
             "expires_at": {"help_text": "After this instant the key is refused; must be in the future when set."},
             "last_used_at": {"help_text": "When the key was last used (to within a minute or so)."},
             "revoked_at": {

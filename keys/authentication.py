@@ -16,30 +16,14 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import exceptions
-from rest_framework.authentication import BaseAuthentication, get_authorization_header
+from rest_framework.authentication import BaseAuthentication
 from rest_framework.request import Request
 
 from apiforge.client_ip import client_ip
 from apiforge.errors import WWW_AUTHENTICATE
-from keys.hashing import key_secret_plausible
+from keys.credentials import presented_key
 from keys.policy import KeyPolicy
 from keys.verification import KeyRefused, key_verify
-
-_KEY_HEADERS = ("HTTP_X_API_KEY", "HTTP_API_KEY")
-
-
-def presented_key(request: Request) -> str | None:
-    """The API key the request presents, or None (no key; a Bearer JWT is not a key)."""
-    for header in _KEY_HEADERS:
-        value = request.META.get(header, "").strip()
-        if value:
-            return str(value)
-    parts = get_authorization_header(request).split()
-    if len(parts) == 2 and parts[0].lower() == b"bearer":
-        token = parts[1].decode("latin-1")
-        if key_secret_plausible(token):
-            return token
-    return None
 
 
 class ApiKeyAuthentication(BaseAuthentication):

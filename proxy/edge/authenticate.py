@@ -16,6 +16,16 @@ REFUSALS = {
     "ip_not_allowed": (403, "ip_not_allowed", "This API key may not be used from your IP address."),
 }
 
+JWT_ON_PROXY = (
+    "This endpoint expects an APIForge API key (Authorization: Bearer afk-...), not a JWT: "
+    "access tokens are for the management API at /api/."
+)
+
+
+def _looks_like_jwt(token: str) -> bool:
+    """A JWT's shape: three dot-separated parts, the first a base64url JSON object (``eyJ``)."""
+    return token.startswith("eyJ") and token.count(".") == 2
+
 
 async def authenticate(request: ProxyRequest, event: UsageEvent) -> KeyPolicy:
     """The policy of the presented key; a 401 or 403 ``ProxyError`` when there is none or it is refused."""
@@ -29,6 +39,8 @@ async def authenticate(request: ProxyRequest, event: UsageEvent) -> KeyPolicy:
         policy = await key_verify_async(request.api_key, request.client_ip)
     except KeyRefused as refused:
         status, code, message = REFUSALS.get(refused.reason, REFUSALS["unknown"])
+        if refused.reason == "unknown" and _looks_like_jwt(request.api_key):
+            message = JWT_ON_PROXY
         raise ProxyError(status, message, code=code) from None
     event.key_id = policy.key_id
     event.key_prefix = policy.prefix

@@ -34,5 +34,10 @@ def endpoint_for(method: str, path: str) -> Endpoint:
             raise not_found(f"Unknown path {path}.", code="unknown_url")
         endpoint = _MODELS
     if method != endpoint.method:
-        raise ProxyError(405, f"Method {method} not allowed on {path}.", code="method_not_allowed")
+        raise ProxyError(
+            405,
+            f"Method {method} not allowed on {path}.",
+            code="method_not_allowed",
+            headers=((b"allow", endpoint.method.encode()),),
+        )
     return endpoint

@@ -18,6 +18,9 @@ _NUMBER_FIELDS = ("temperature", "top_p")
 _NUMBER_TYPES = (int, float)
 
 
+_JSON_TYPE_NAMES = {str: "a string", int: "a number", float: "a number", bool: "a boolean", dict: "an object"}
+
+
 def payload_parse(body: bytes, required: str) -> dict[str, Any]:
     """The body as a JSON object with a model and the ``required`` field; a 400 ``ProxyError`` otherwise."""
     if not body:
@@ -43,8 +46,11 @@ def payload_parse(body: bytes, required: str) -> dict[str, Any]:
         raise bad_request(f"'{required}' is required.", param=required, code=f"missing_{required}")
     if required == "messages":
         if type(value) is not list or not value:
+            given = "an empty array" if type(value) is list else _JSON_TYPE_NAMES.get(type(value), "a value")
             raise bad_request(
-                "'messages' must be a non-empty array of message objects.", param="messages", code="missing_messages"
+                f"'messages' must be a non-empty array of message objects, not {given}.",
+                param="messages",
+                code="invalid_messages",
             )
         for message in value:
             if type(message) is not dict:

@@ -121,6 +121,18 @@ def test_missing_key_is_401(via, demo):
     assert error["type"] == "authentication_error"
 
 
+def test_a_jwt_sent_to_the_proxy_says_an_api_key_is_expected(via, demo):
+    from rest_framework_simplejwt.tokens import AccessToken
+
+    from accounts.models import User
+
+    token = str(AccessToken.for_user(User.objects.create_user(username="jwt-holder")))
+    answer = via.request("POST", "/v1/chat/completions", body=CHAT, headers={"Authorization": f"Bearer {token}"})
+    error = assert_openai_error(answer, 401, "invalid_api_key")
+    assert error["message"].startswith("This endpoint expects an APIForge API key")
+    assert "/api/" in error["message"]
+
+
 def test_unknown_key_is_401(via, demo):
     answer = via.request("POST", "/v1/chat/completions", body=CHAT, headers={"Authorization": "Bearer afk-nope"})
     assert_openai_error(answer, 401, "invalid_api_key")
@@ -169,7 +181,7 @@ def test_unknown_model_is_404(via, demo):
         (orjson.dumps({"messages": [{"role": "user", "content": "hi"}]}), "missing_model", "model"),
         (orjson.dumps({"model": 3, "messages": []}), "missing_model", "model"),
         (orjson.dumps({"model": "demo"}), "missing_messages", "messages"),
-        (orjson.dumps({"model": "demo", "messages": []}), "missing_messages", "messages"),
+        (orjson.dumps({"model": "demo", "messages": []}), "invalid_messages", "messages"),
         (orjson.dumps({"model": "demo", "messages": [{"role": "user"}], "stream": "yes"}), "invalid_stream", "stream"),
     ],
 )
@@ -185,6 +197,28 @@ def test_body_over_the_limit_is_413(via, demo, settings):
     body = orjson.dumps({"model": "demo", "messages": [{"role": "user", "content": "x" * 500}]})
     answer = via.request("POST", "/v1/chat/completions", body=body, headers=bearer(demo))
     assert_openai_error(answer, 413, "request_too_large")
+
+
+@pytest.mark.parametrize(
+    ("messages", "given"), [("hi", "a string"), ({"role": "user"}, "an object"), ([], "an empty array")]
+)
+def test_messages_that_are_not_a_non_empty_array_say_so_instead_of_missing(via, demo, messages, given):
+    body = orjson.dumps({"model": "demo", "messages": messages})
+    error = assert_openai_error(
+        via.request("POST", "/v1/chat/completions", body=body, headers=bearer(demo)), 400, "invalid_messages"
+    )
+    assert error["param"] == "messages"
+    assert error["message"] == f"'messages' must be a non-empty array of message objects, not {given}."
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [("GET", "/v1/chat/completions", "POST"), ("POST", "/v1/models", "GET"), ("DELETE", "/v1/embeddings", "POST")],
+)
+def test_a_405_names_the_allowed_method(via, demo, method, path, allow):
+    answer = via.request(method, path, body=CHAT, headers=bearer(demo))
+    assert_openai_error(answer, 405, "method_not_allowed")
+    assert answer.headers["allow"] == allow
 
 
 def test_unknown_path_is_404_and_wrong_method_405(via, demo):
