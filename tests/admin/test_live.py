@@ -9,11 +9,15 @@ the in-memory one by default, Redis (channels_redis) with ``REDIS_URL``.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
+from decimal import Decimal
 from typing import Any
 
+import httpx
 import pytest
+import websockets.sync.client
 from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
@@ -25,8 +29,13 @@ from prometheus_client import REGISTRY
 from accounts.models import User
 from apiforge.asgi import application
 from gateway_stats.events import GROUP, bus, event_publish, events_bus_start, usage_event_payload, usage_events_sink
-from gateway_stats.usage import UsageEvent
+from gateway_stats.usage import UsageEvent, emitter
 from tests.factories import UserFactory
+from tests.live_server import LiveServer, live_server_factory
+from tests.proxy.conftest import fake_upstream
+from tests.proxy.helpers import key_make, model_make, upstream_make
+
+__all__ = ["fake_upstream", "live_server_factory"]
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -259,6 +268,48 @@ async def test_a_closed_socket_leaves_the_group(publisher: Any, staff_cookie: by
     before = counter("published", "channels")
     await published(lambda: usage_events_sink([call("after-close")]))
     assert counter("published", "channels") == before + 1
+
+
+@pytest.fixture
+def live_gateway(live_server_factory: Callable[..., LiveServer]) -> LiveServer:
+    """The real application under uvicorn; its shutdown waits out channels_redis's receive (a blocking pop of
+    up to 5 s that a closed consumer's cancelled receive lets finish), longer than the default 3 s grace."""
+    return live_server_factory(application, timeout_graceful_shutdown=10)
+
+
+def test_a_call_proxied_by_the_running_server_reaches_a_staff_browser_and_others_get_403(
+    live_gateway: Any, fake_upstream: Any, staff_cookie: bytes
+) -> None:
+    upstream = upstream_make(name="live-upstream", base_url=fake_upstream.base_url, timeout_s=5, max_retries=0)
+    model_make("gpt-live", upstream, upstream_model="fake-live", input_price="0.5", output_price="1.5")
+    key = key_make()
+    url = live_gateway.url(PATH).replace("http://", "ws://")
+    origin = {"Origin": live_gateway.base_url}
+
+    with pytest.raises(websockets.exceptions.InvalidStatus) as anonymous:
+        websockets.sync.client.connect(url, additional_headers=origin, open_timeout=WAIT_S)
+    assert anonymous.value.response.status_code == 403
+
+    with websockets.sync.client.connect(
+        url, additional_headers={**origin, "Cookie": staff_cookie.decode()}, open_timeout=WAIT_S
+    ) as browser:
+        answer = httpx.post(
+            live_gateway.url("/v1/chat/completions"),
+            headers={"Authorization": f"Bearer {key.secret}", "x-request-id": "live-e2e"},
+            json={"model": "gpt-live", "messages": [{"role": "user", "content": "watch me"}]},
+            timeout=10,
+        )
+        emitter.flush()
+        frame = json.loads(browser.recv(timeout=WAIT_S))
+
+    assert answer.status_code == 200
+    assert frame["topic"] == "usage"
+    (event,) = frame["events"]
+    assert (event["request_id"], event["key_prefix"], event["user_id"]) == ("live-e2e", key.prefix, key.owner_id)
+    assert (event["model"], event["status"], event["upstream"]) == ("gpt-live", 200, "live-upstream")
+    assert event["total_tokens"] > 0
+    assert Decimal(event["cost"]) > 0
+    assert event["latency_ms"] > 0
 
 
 # --- the page ---
