@@ -135,7 +135,7 @@ def _change(current: float | None, previous: float | None, period: Period, *, po
     if previous is None:
         return f"none in the previous {period.label}"
     if current is None:
-        return f"none now, {previous:,.4g} in the previous {period.label}"
+        return f"no calls in this {period.label}, some in the previous one"
     if points:
         return f"{(current - previous) * 100:+.1f} pts {versus}"
     if previous == 0:

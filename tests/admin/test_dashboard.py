@@ -187,6 +187,16 @@ def test_a_period_without_a_previous_one_says_so(admin_for, root):
     assert "none in the previous hour" in html
 
 
+def test_a_quiet_period_after_a_busy_one_says_so(admin_for, root):
+    calls(4, start=_ago(minutes=100), span=timedelta(minutes=20))
+
+    html, elements = _page(admin_for(root), "?period=hour")
+
+    assert "dashboard-empty" in elements.by_id  # nothing in this hour
+    assert "-100% vs previous hour" in html  # requests: 0 against 4
+    assert "no calls in this hour, some in the previous one" in html  # error rate and p95: none to compare
+
+
 def test_the_charts_data_is_in_the_page_for_unfolds_chart_script(admin_for, root):
     calls(60, start=_ago(hours=10), span=timedelta(hours=9), seed=6)
 
