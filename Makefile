@@ -11,7 +11,9 @@ STAMP := $(VENV)/.installed-$(shell cat requirements/*.txt | sha1sum | cut -c1-1
 .PHONY: run serve test lint typecheck bench bench-micro worker beat clean fuzz
 
 $(STAMP): requirements/base.txt requirements/prod.txt requirements/dev.txt
+	@echo "==> creating the virtualenv $(VENV) (first run only)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "==> installing requirements/dev.txt into $(VENV) (about a minute the first time)"
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements/dev.txt
 	rm -f $(VENV)/.installed-*
@@ -22,9 +24,12 @@ venv: $(STAMP)
 # Development: embedded default (SQLite, in-process cache/limiter/channel layer, eager Celery)
 # unless DATABASE_URL / REDIS_URL are set. One process.
 run: $(STAMP)
+	@echo "==> migrating the database"
 	APP_ENV=$${APP_ENV:-development} $(BIN)/python manage.py migrate --noinput
+	@echo "==> creating the development superuser and the demo model and key"
 	APP_ENV=$${APP_ENV:-development} $(BIN)/python manage.py bootstrap_dev
 	PORT=$(PORT) APP_ENV=$${APP_ENV:-development} $(BIN)/python manage.py bootstrap_demo
+	@echo "==> serving on http://$(HOST):$(PORT)/ (admin: /admin/, docs: /docs)"
 	APP_ENV=$${APP_ENV:-development} $(BIN)/uvicorn apiforge.asgi:application --host $(HOST) --port $(PORT) \
 		--loop uvloop --http apiforge.server:GuardedHttpToolsProtocol --lifespan on \
 		--forwarded-allow-ips "$${FORWARDED_ALLOW_IPS:-}"

@@ -86,3 +86,13 @@ def test_the_browsable_api_key_form_starts_active_and_a_name_alone_makes_an_acti
     )
     assert response.status_code == 201, response.content
     assert ApiKey.objects.get(name="from-the-form").is_active is True
+
+
+def test_make_run_says_what_it_is_doing_step_by_step(tmp_path: Path) -> None:
+    # A fresh checkout: no virtualenv yet, so the install steps are part of the run.
+    result = subprocess.run(
+        ["make", "-n", "run", f"VENV={tmp_path / 'venv'}"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    steps = [line for line in result.stdout.splitlines() if line.startswith('echo "==> ')]
+    assert [step.split()[2] for step in steps] == ["creating", "installing", "migrating", "creating", "serving"]
