@@ -6,17 +6,18 @@ renders the result; errors become the JSON error shape in ``apiforge.errors``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from django.conf import settings
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
+from rest_framework.authentication import BaseAuthentication
 from rest_framework.exceptions import NotAuthenticated
 from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 from rest_framework.views import APIView
-from rest_framework_simplejwt.authentication import JWTAuthentication
 from rest_framework_simplejwt.views import TokenRefreshView
 
 from accounts.models import User
@@ -156,8 +157,11 @@ class RefreshView(TokenRefreshView):
 
 
 class LogoutView(APIView):
-    # A Bearer access token is required: no session, so no CSRF dance for API clients.
-    authentication_classes = (JWTAuthentication,)
+    # A Bearer access token is required: no session, so no CSRF dance for API clients. The JWT class is the
+    # project's (the first default: simplejwt's, naming the credential expected when an API key comes instead).
+    authentication_classes = tuple(
+        cast("list[type[BaseAuthentication]]", api_settings.DEFAULT_AUTHENTICATION_CLASSES[:1])
+    )
     permission_classes = (IsAuthenticated,)
 
     @extend_schema(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.contrib.rest_framework_simplejwt import SimpleJWTScheme
 from rest_framework import exceptions
 from rest_framework.authentication import get_authorization_header
 from rest_framework.request import Request
@@ -50,3 +51,9 @@ class ManagementJwtAuthentication(JWTAuthentication):
         if presented_key(request) is not None:
             raise exceptions.AuthenticationFailed(API_KEY_ON_MANAGEMENT, code="api_key_not_accepted")
         return super().authenticate(request)
+
+
+class ManagementJwtScheme(SimpleJWTScheme):
+    """The OpenAPI document describes ``ManagementJwtAuthentication`` as simplejwt's own ``jwtAuth`` scheme."""
+
+    target_class = "keys.credentials.ManagementJwtAuthentication"
