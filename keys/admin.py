@@ -1,6 +1,8 @@
 """Django admin for API keys: issue (secret shown once, on the page answering the form), limit, rotate,
 disable, enable, revoke. Every write goes through ``keys.services``; digests are never shown or editable.
-The change page shows the current budget period's spend (from the usage ledger), read-only.
+The list shows each key's state as a badge (active / disabled / expired / revoked); the add page picks the owner
+with an autocomplete. The change page shows the current budget period's spend and the key's last errors (both from
+the usage ledger, read-only) and when it was last used.
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.cache import patch_cache_control
+from django.utils.formats import localize
+from django.utils.html import format_html, format_html_join
 from unfold.admin import ModelAdmin
+from unfold.decorators import display
 
 from apiforge.audit import audit_context
+from gateway_stats.models import UsageRecord
 from keys.models import ApiKey
 from keys.scopes import scope_errors
 from keys.selectors import BudgetSpent, key_budget_spent_many
@@ -39,6 +45,18 @@ from keys.services import (
 
 _LIMIT_FIELDS = ("rpm_limit", "tpm_limit", "max_concurrency", "budget_tokens", "budget_cost", "budget_period")
 _BUDGET_STATE_FIELDS = ("budget_spent", "budget_remaining", "budget_resets_at")
+_RECENT_ERRORS = 10
+# Badge colours (Unfold label types); a disabled key is switched off on purpose, so it stays grey.
+_STATE_LABELS = {"active": "success", "expired": "warning", "revoked": "danger"}
+
+
+def key_state(key: ApiKey) -> str:
+    """What a caller holding this key gets: revoked and expired win over disabled, which wins over active."""
+    if key.revoked_at is not None:
+        return "revoked"
+    if key.expires_at is not None and key.expires_at <= timezone.now():
+        return "expired"
+    return "active" if key.is_active else "disabled"
 
 
 class _ListFormField(forms.CharField):
@@ -107,8 +125,7 @@ class ApiKeyAdmin(ModelAdmin):
         "prefix",
         "name",
         "owner",
-        "is_active",
-        "is_revoked",
+        "state",
         "expires_at",
         "last_used_at",
         "rpm_limit",
@@ -127,7 +144,7 @@ class ApiKeyAdmin(ModelAdmin):
         "budget_period",
     ]
     search_fields = ["name", "prefix", "owner__username", "owner__email"]
-    raw_id_fields = ["owner"]
+    autocomplete_fields = ["owner"]
     date_hierarchy = "created_at"
     actions = ["disable_keys", "enable_keys", "revoke_keys"]
     readonly_fields = [
@@ -137,17 +154,16 @@ class ApiKeyAdmin(ModelAdmin):
         "last_used_at",
         "revoked_at",
         "previous_valid_until",
+        "recent_errors",
         *_BUDGET_STATE_FIELDS,
     ]
     fieldsets = [
         (None, {"fields": ["owner", "name", "prefix", "is_active", "expires_at"]}),
         ("Scopes", {"fields": ["allowed_models", "allowed_routes", "ip_allowlist"]}),
         ("Limits and budget", {"fields": [*_LIMIT_FIELDS, *_BUDGET_STATE_FIELDS]}),
+        ("Recent activity", {"fields": ["last_used_at", "recent_errors"]}),
         ("Other", {"fields": ["metadata"]}),
-        (
-            "History",
-            {"fields": ["created_at", "updated_at", "last_used_at", "revoked_at", "previous_valid_until"]},
-        ),
+        ("History", {"fields": ["created_at", "updated_at", "revoked_at", "previous_valid_until"]}),
     ]
     add_fieldsets = [
         (None, {"fields": ["owner", "name", "is_active", "expires_at"]}),
@@ -156,9 +172,9 @@ class ApiKeyAdmin(ModelAdmin):
         ("Other", {"fields": ["metadata"]}),
     ]
 
-    @admin.display(boolean=True, description="revoked", ordering="revoked_at")
-    def is_revoked(self, obj: ApiKey) -> bool:
-        return obj.revoked_at is not None
+    @display(description="state", label=_STATE_LABELS)
+    def state(self, obj: ApiKey) -> str:
+        return key_state(obj)
 
     @admin.display(description="budget")
     def budget(self, obj: ApiKey) -> str:
@@ -197,6 +213,25 @@ class ApiKeyAdmin(ModelAdmin):
     def budget_resets_at(self, obj: ApiKey) -> Any:
         resets_at = self._spent(obj).resets_at
         return "never (total)" if resets_at is None else resets_at
+
+    @admin.display(description=f"last {_RECENT_ERRORS} errors")
+    def recent_errors(self, obj: ApiKey) -> str:
+        """The key's latest calls answered with a status of 400 or more, each linked to its request log page."""
+        rows = UsageRecord.objects.filter(key_id=obj.pk, status__gte=400).order_by("-started_at", "-id")
+        lines = format_html_join(
+            "",
+            '<li><a href="{}">{} &middot; {} &middot; {}</a></li>',
+            (
+                (
+                    reverse("admin:gateway_stats_usagerecord_change", args=[row.pk]),
+                    localize(timezone.localtime(row.started_at)),
+                    row.status,
+                    row.error_code or "-",
+                )
+                for row in rows.only("id", "started_at", "status", "error_code")[:_RECENT_ERRORS]
+            ),
+        )
+        return format_html("<ul>{}</ul>", lines) if lines else "none"
 
     def get_fieldsets(self, request: HttpRequest, obj: ApiKey | None = None) -> Any:
         return self.add_fieldsets if obj is None else self.fieldsets

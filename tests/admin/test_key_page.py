@@ -1,0 +1,119 @@
+"""The key page in the admin: a state badge per key instead of a red "revoked" cross on healthy keys, the owner
+picked with an autocomplete, and the change page's last errors (linked to the request log) and last use.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import Permission
+from django.test import Client
+from django.urls import reverse
+from django.utils import timezone
+
+from accounts.models import User
+from keys.models import ApiKey
+from tests.factories import ApiKeyFactory, UserFactory
+from tests.records.conftest import at, usage
+
+pytestmark = pytest.mark.django_db
+
+CHANGELIST = "/admin/keys/apikey/"
+AUTOCOMPLETE = "/admin/autocomplete/?app_label=keys&model_name=apikey&field_name=owner&term={}"
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hasher(settings: Any) -> None:
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture
+def root() -> User:
+    return UserFactory(username="root", superuser=True)
+
+
+@pytest.fixture
+def admin_client_(root: User) -> Client:
+    client = Client()
+    client.force_login(root)
+    return client
+
+
+def _state_cell(page: str, key: ApiKey) -> str:
+    """The text of the state badge in ``key``'s changelist row."""
+    row = re.search(rf"<tr[^>]*>(?:(?!</tr>).)*?{re.escape(key.name)}(?:(?!</tr>).)*</tr>", page, re.S)
+    assert row is not None, f"no row for {key.name}"
+    badge = re.search(r'<td class="field-state[^"]*"[^>]*>\s*<span class="([^"]*)"[^>]*>\s*(\w+)\s*</span>', row[0])
+    assert badge is not None, row[0]
+    return f"{badge[2]} {'green' if 'bg-green' in badge[1] else 'red' if 'bg-red' in badge[1] else 'other'}"
+
+
+def test_the_list_shows_each_keys_state_as_a_badge(admin_client_: Client) -> None:
+    now = timezone.now()
+    keys = {
+        "active green": ApiKeyFactory(name="healthy"),
+        "disabled other": ApiKeyFactory(name="switched-off", is_active=False),
+        "revoked red": ApiKeyFactory(name="gone", is_active=False, revoked_at=now),
+        "expired other": ApiKeyFactory(name="too-old", expires_at=now - timedelta(minutes=1)),
+        "active green ": ApiKeyFactory(name="expires-later", expires_at=now + timedelta(days=1)),
+    }
+
+    page = admin_client_.get(CHANGELIST).content.decode()
+
+    assert {_state_cell(page, key) for key in keys.values()} == {label.strip() for label in keys}
+    assert "icon-no" not in page
+    assert "icon-yes" not in page
+
+
+def test_the_owner_autocomplete_answers_the_matching_user(admin_client_: Client) -> None:
+    carol = UserFactory(username="carol")
+    UserFactory(username="dave")
+
+    answer = admin_client_.get(AUTOCOMPLETE.format("car"))
+
+    assert answer.status_code == 200
+    assert answer.json()["results"] == [{"id": str(carol.pk), "text": str(carol)}]
+    add_page = admin_client_.get(f"{CHANGELIST}add/").content.decode()
+    assert 'data-ajax--url="/admin/autocomplete/"' in add_page
+
+
+def test_the_owner_autocomplete_is_refused_without_the_user_view_permission() -> None:
+    staff = UserFactory(username="keys-only", staff=True)
+    staff.user_permissions.set(Permission.objects.filter(content_type__app_label="keys"))
+    client = Client()
+    client.force_login(staff)
+
+    assert client.get(AUTOCOMPLETE.format("car")).status_code == 403
+
+
+def test_the_change_page_lists_the_last_ten_errors_linked_to_the_request_log(admin_client_: Client) -> None:
+    key = ApiKeyFactory(name="flaky", last_used_at=at(99))
+    other = ApiKeyFactory(name="other")
+    errors = [usage(key=key, status=429, error_code="rate_limited", started_at=at(minute)) for minute in range(12)]
+    usage(key=key, status=200, started_at=at(50))
+    latest = usage(key=key, status=502, error_code="upstream_error", started_at=at(60))
+    usage(key=other, status=500, error_code="other_keys_error", started_at=at(70))
+
+    page = admin_client_.get(reverse("admin:keys_apikey_change", args=[key.pk])).content.decode()
+
+    links = re.findall(r'href="/admin/gateway_stats/usagerecord/(\d+)/change/"', page)
+    # The 502, then the 429s newest first: ten in all, so the two oldest 429s are left out.
+    assert [int(pk) for pk in links] == [latest.pk, *(row.pk for row in reversed(errors[3:]))]
+    assert "502 &middot; upstream_error" in page
+    assert "429 &middot; rate_limited" in page
+    assert "other_keys_error" not in page
+    assert "Last used" in page
+    assert "March 1, 2025" in page
+
+
+def test_a_key_without_errors_says_none(admin_client_: Client) -> None:
+    key = ApiKeyFactory(name="quiet")
+    usage(key=key, status=200)
+
+    page = admin_client_.get(reverse("admin:keys_apikey_change", args=[key.pk])).content.decode()
+
+    assert re.search(r"Last 10 errors.*?none", page, re.S)
+    assert not re.search(r"/admin/gateway_stats/usagerecord/\d+/change/", page)
