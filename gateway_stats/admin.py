@@ -4,6 +4,8 @@ Nobody adds, changes or deletes these rows by hand (not even superusers): the le
 consumer and trimmed by retention, the trail only grows. Staff with the view permission see the lists and each
 row's page. The pages link to the key, user and audited object where the admin has a page for it; ledger rows
 may name keys and users deleted since (no database constraint), so the links use the ids, never the objects.
+The request log filters by status class (2xx / 4xx / 5xx) and by a typed key prefix or user, never by a list of
+every key or user, and shows each status as a coloured badge.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from django.http import HttpRequest
 from django.urls import NoReverseMatch, reverse
 from django.utils.html import format_html
 from unfold.admin import ModelAdmin
+from unfold.contrib.filters.admin import TextFilter
+from unfold.decorators import display
 
 from gateway_stats.models import AuditEvent, UsageRecord
 
@@ -31,6 +35,54 @@ def _change_link(app_label: str, model_name: str, object_id: Any, text: Any) -> 
     except NoReverseMatch:
         return str(text)
     return format_html('<a href="{}">{}</a>', url, text)
+
+
+_BIGINT_MAX = 2**63 - 1
+_STATUS_LABELS = {"2xx": "success", "3xx": "info", "4xx": "warning", "5xx": "danger"}
+
+
+class StatusClassFilter(admin.SimpleListFilter):
+    """Successes, client errors or upstream/gateway errors: the status range, on the (started_at-led) table."""
+
+    title = "status class"
+    parameter_name = "status_class"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("2xx", "2xx success"), ("4xx", "4xx client error"), ("5xx", "5xx server error")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[UsageRecord]) -> QuerySet[UsageRecord]:
+        value = self.value()
+        if value not in {"2xx", "4xx", "5xx"}:
+            return queryset
+        low = int(value[0]) * 100
+        return queryset.filter(status__gte=low, status__lt=low + 100)
+
+
+class KeyPrefixFilter(TextFilter):
+    """Calls made with keys whose prefix starts with the typed text (the prefix is kept on the row itself)."""
+
+    title = "key prefix"
+    parameter_name = "key_prefix"
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[UsageRecord]) -> QuerySet[UsageRecord]:
+        value = (self.value() or "").strip()
+        return queryset.filter(key_prefix__startswith=value) if value else queryset
+
+
+class UserFilter(TextFilter):
+    """Calls by one user, typed as an id or an exact username."""
+
+    title = "user (id or username)"
+    parameter_name = "user"
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[UsageRecord]) -> QuerySet[UsageRecord]:
+        value = (self.value() or "").strip()
+        if not value:
+            return queryset
+        if value.isdecimal():
+            user_id = int(value)
+            return queryset.filter(user_id=user_id) if user_id <= _BIGINT_MAX else queryset.none()
+        return queryset.filter(user__username=value)
 
 
 class _ReadOnlyAdmin(ModelAdmin):
@@ -57,8 +109,9 @@ class UsageRecordAdmin(_ReadOnlyAdmin):
         "key_link",
         "user_link",
         "model",
+        "route",
         "upstream",
-        "status",
+        "status_badge",
         "error_code",
         "stream",
         "total_tokens",
@@ -66,7 +119,18 @@ class UsageRecordAdmin(_ReadOnlyAdmin):
         "latency_ms",
     ]
     list_display_links = ["started_at", "request_id"]
-    list_filter = ["status", "stream", "model", "error_code", "upstream"]
+    list_filter = [
+        StatusClassFilter,
+        "status",
+        "stream",
+        "model",
+        "route",
+        "error_code",
+        "upstream",
+        KeyPrefixFilter,
+        UserFilter,
+    ]
+    list_filter_submit = True  # the text filters apply on submit
     # Exact ids (indexed), and the start of a key prefix: what someone holding a request id or a key has.
     search_fields = ["=request_id", "=event_id", "^key_prefix"]
     search_help_text = "An exact request id or event id, or the beginning of a key prefix."
@@ -93,6 +157,10 @@ class UsageRecordAdmin(_ReadOnlyAdmin):
             },
         ),
     ]
+
+    @display(description="status", ordering="status", label=_STATUS_LABELS)
+    def status_badge(self, obj: UsageRecord) -> tuple[str, int]:
+        return f"{obj.status // 100}xx", obj.status
 
     @admin.display(description="key", ordering="key_id")
     def key_link(self, obj: UsageRecord) -> str:
