@@ -169,7 +169,9 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": f"{CACHE_KEY_PREFIX}:asgi"},
+            # redis-py's default socket timeout (5 s) equals channels-redis' blocking receive (BZPOPMIN, 5 s):
+            # an idle consumer (the live traffic page) would die of a TimeoutError. The socket waits longer.
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15}], "prefix": f"{CACHE_KEY_PREFIX}:asgi"},
         }
     }
 else:

@@ -201,6 +201,23 @@ async def test_a_staff_socket_receives_each_proxied_call_with_the_tables_fields(
     assert (second["status"], second["error_code"], second["route"]) == (502, "upstream_error", "chat-route")
 
 
+async def test_a_socket_idle_for_longer_than_a_blocking_receive_still_gets_the_next_call(
+    publisher: Any, staff_cookie: bytes
+) -> None:
+    # With Redis, the consumer waits in a 5 s blocking pop: a socket timeout of 5 s (redis-py's default) killed
+    # a page that saw no traffic for that long. The embedded layer runs the same test.
+    socket = communicator(staff_cookie)
+    connected, _ = await socket.connect(timeout=WAIT_S)
+    assert connected is True
+    try:
+        await asyncio.sleep(6.5)
+        await published(lambda: usage_events_sink([call("after-a-quiet-spell")]))
+        frame = await socket.receive_json_from(timeout=WAIT_S)
+    finally:
+        await socket.disconnect()
+    assert [event["request_id"] for event in frame["events"]] == ["after-a-quiet-spell"]
+
+
 async def test_a_socket_gets_only_the_topics_it_asked_for_and_ignores_what_the_browser_sends(
     publisher: Any, staff_cookie: bytes
 ) -> None:
