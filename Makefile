@@ -62,9 +62,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy .
 
+# The machine's PostgreSQL and Redis when they answer (.ci/services.sh), as in CI; else SQLite and in-process.
 test: lint typecheck
 	APP_ENV=test $(BIN)/python manage.py makemigrations --check --dry-run
-	APP_ENV=test $(BIN)/pytest --cov --cov-report=term
+	source .ci/services.sh && APP_ENV=test $(BIN)/pytest --cov --cov-report=term
 
 # Gateway vs direct-to-upstream on a throwaway stack (~2 min; see bench/README.md). Extra options: BENCH_ARGS="...".
 bench: $(STAMP)
