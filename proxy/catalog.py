@@ -23,7 +23,7 @@ from yarl import URL
 
 from apiforge.local_cache import SyncedSnapshot
 from proxy.edge.balance import Balancer
-from proxy.edge.breaker import BreakerPolicy
+from proxy.edge.breaker import BreakerPolicy, deployment_key
 
 if TYPE_CHECKING:
     from proxy.models import Deployment, Model, Upstream
@@ -143,7 +143,7 @@ def catalog_load() -> Catalog:
         deployments.setdefault(deployment.model_id, []).append(
             DeploymentTarget(
                 id=deployment.pk,
-                key=f"dep:{deployment.pk}",
+                key=deployment_key(deployment.pk),
                 upstream=target,
                 upstream_model=deployment.upstream_model,
                 weight=deployment.weight,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from django.urls import reverse
 
-from proxy.edge.breaker import breaker_view, health_view
+from proxy.edge.breaker import breaker_view, deployment_key, health_view, route_target_key
 from proxy.models import Deployment, RouteTarget
 
 
@@ -59,7 +59,7 @@ def member_states() -> list[MemberState]:
     targets = RouteTarget.objects.select_related("route").order_by("route__name", "pk")
     states = [
         _state(
-            f"dep:{one.pk}",
+            deployment_key(one.pk),
             "deployment",
             one.model.name,
             f"{one.upstream.name}:{one.upstream_model}",
@@ -70,7 +70,7 @@ def member_states() -> list[MemberState]:
     ]
     states += [
         _state(
-            f"rt:{one.pk}",
+            route_target_key(one.pk),
             "route target",
             one.route.name,
             one.url,

@@ -28,7 +28,7 @@ from django.conf import settings
 
 from apiforge.local_cache import SyncedSnapshot
 from proxy.edge.balance import Balancer
-from proxy.edge.breaker import BreakerPolicy
+from proxy.edge.breaker import BreakerPolicy, route_target_key
 
 if TYPE_CHECKING:
     from proxy.models import Route
@@ -236,7 +236,7 @@ def _target_entry(target: Any, route: Any) -> RouteTargetEntry:
     parts = urlsplit(target.url)
     return RouteTargetEntry(
         id=target.pk,
-        key=f"rt:{target.pk}",
+        key=route_target_key(target.pk),
         url=target.url.rstrip("/"),
         scheme=parts.scheme,
         netloc=parts.netloc,

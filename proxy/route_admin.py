@@ -46,14 +46,9 @@ _JSON_FIELDS = ("path_rewrite", "request_headers", "response_headers", "fallback
 
 def target_live_state(target: RouteTarget) -> tuple[str, str]:
     """(health, breaker state) of a target as the gateway sees it now: the active checks' word ("healthy",
-    "unhealthy" or "unknown") and the breaker's ("closed", "open", "half_open"); "unknown" where the edge
-    does not tell."""
-    key = f"rt:{target.pk}"
-    health_view = getattr(edge_breaker, "health_view", None)
-    breaker_view = getattr(edge_breaker, "breaker_view", None)
-    health = str(health_view(key)) if callable(health_view) else "unknown"
-    state = str(breaker_view(key).state) if callable(breaker_view) else "unknown"
-    return health, state
+    "unhealthy" or "unknown") and the breaker's ("closed", "open", "half_open")."""
+    key = edge_breaker.route_target_key(target.pk)
+    return edge_breaker.health_view(key), edge_breaker.breaker_view(key).state
 
 
 class _ListFormField(forms.CharField):

@@ -61,6 +61,18 @@ STATE_NAMES = {CLOSED: "closed", HALF_OPEN: "half_open", OPEN: "open"}
 HEALTHY, UNHEALTHY = "healthy", "unhealthy"
 UNKNOWN = "unknown"
 
+# Breaker and health keys: a model's deployment, a route's target (by primary key).
+DEPLOYMENT_KEY_PREFIX, ROUTE_TARGET_KEY_PREFIX = "dep:", "rt:"
+
+
+def deployment_key(pk: int) -> str:
+    return f"{DEPLOYMENT_KEY_PREFIX}{pk}"
+
+
+def route_target_key(pk: int) -> str:
+    return f"{ROUTE_TARGET_KEY_PREFIX}{pk}"
+
+
 # Buckets of the error-rate window (BREAKER_WINDOW_S split in this many).
 _WINDOW_BUCKETS = 10
 # A probe claimed but never reported (its call was lost: a cancelled task, a stream never read) frees its slot

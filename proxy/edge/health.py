@@ -106,7 +106,7 @@ class HealthChecker:
             self.counts.pop(key, None)
         self.targets = targets
         # A target no longer checked (its route's check removed, drained, deleted) keeps no verdict.
-        stale = sorted(key for key in breaker.health_keys() - keys if key.startswith("rt:"))
+        stale = sorted(key for key in breaker.health_keys() - keys if key.startswith(breaker.ROUTE_TARGET_KEY_PREFIX))
         for key in stale:
             breaker.health_note(key, None)
         sync = shared_sync()

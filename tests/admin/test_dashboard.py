@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import random
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from html.parser import HTMLParser
@@ -36,26 +35,6 @@ INDEX = "/admin/"
 MODELS = ("gpt-4o", "gpt-4o-mini", "embed-small")
 CARDS = ("requests", "error_rate", "tokens", "cost", "latency_p95")
 CHARTS = ("requests", "latency", "tokens-by-model", "cost-by-model")
-
-
-@pytest.fixture(autouse=True)
-def _fast_password_hasher(settings: Any) -> None:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
-@pytest.fixture
-def root(db: None) -> User:
-    return UserFactory(username="root", superuser=True)
-
-
-@pytest.fixture
-def admin_for() -> Callable[[User], Client]:
-    def _client(user: User) -> Client:
-        client = Client()
-        client.force_login(user)
-        return client
-
-    return _client
 
 
 def _ago(**delta: float) -> datetime:

@@ -5,8 +5,8 @@ picked with an autocomplete, and the change page's last errors (linked to the re
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
 
 import pytest
 from django.contrib.auth.models import Permission
@@ -25,21 +25,9 @@ CHANGELIST = "/admin/keys/apikey/"
 AUTOCOMPLETE = "/admin/autocomplete/?app_label=keys&model_name=apikey&field_name=owner&term={}"
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hasher(settings: Any) -> None:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 @pytest.fixture
-def root() -> User:
-    return UserFactory(username="root", superuser=True)
-
-
-@pytest.fixture
-def admin_client_(root: User) -> Client:
-    client = Client()
-    client.force_login(root)
-    return client
+def admin_client_(admin_for: Callable[[User], Client], root: User) -> Client:
+    return admin_for(root)
 
 
 def _state_cell(page: str, key: ApiKey) -> str:

@@ -45,11 +45,6 @@ WAIT_S = 5.0
 Cookie = Callable[[User], bytes]
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hasher(settings: Any) -> None:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 @pytest.fixture
 async def publisher() -> AsyncIterator[Any]:
     """The event bus, restarted on this test's loop (as the server's lifespan starts it), stopped after."""
@@ -88,6 +83,14 @@ def communicator(cookie: bytes | None, origin: bytes | None = b"http://testserve
     if cookie is not None:
         headers.append((b"cookie", cookie))
     return WebsocketCommunicator(application, PATH + query, headers=headers)
+
+
+async def accepted(cookie: bytes, query: str = "") -> Any:
+    """A socket of ``cookie``'s session, connected (and asserted let in)."""
+    socket = communicator(cookie, query=query)
+    connected, _ = await socket.connect(timeout=WAIT_S)
+    assert connected is True
+    return socket
 
 
 async def refused(socket: Any) -> bool:
@@ -183,9 +186,7 @@ async def test_a_superuser_is_let_in(session_cookie: Cookie) -> None:
 async def test_a_staff_socket_receives_each_proxied_call_with_the_tables_fields(
     publisher: Any, staff_cookie: bytes
 ) -> None:
-    socket = communicator(staff_cookie)
-    connected, _ = await socket.connect(timeout=WAIT_S)
-    assert connected is True
+    socket = await accepted(staff_cookie)
     calls = [call("live-1"), call("live-2", status=502, error_code="upstream_error", route="chat-route")]
     try:
         await published(lambda: usage_events_sink(calls))
@@ -206,9 +207,7 @@ async def test_a_socket_idle_for_longer_than_a_blocking_receive_still_gets_the_n
 ) -> None:
     # With Redis, the consumer waits in a 5 s blocking pop: a socket timeout of 5 s (redis-py's default) killed
     # a page that saw no traffic for that long. The embedded layer runs the same test.
-    socket = communicator(staff_cookie)
-    connected, _ = await socket.connect(timeout=WAIT_S)
-    assert connected is True
+    socket = await accepted(staff_cookie)
     try:
         await asyncio.sleep(6.5)
         await published(lambda: usage_events_sink([call("after-a-quiet-spell")]))

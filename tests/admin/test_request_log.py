@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 from django.db import connection
@@ -25,16 +25,9 @@ LOG = "/admin/gateway_stats/usagerecord/"
 _clone_ids = itertools.count(1)
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hasher(settings: Any) -> None:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 @pytest.fixture
-def client_() -> Client:
-    client = Client()
-    client.force_login(UserFactory(username="root", superuser=True))
-    return client
+def client_(admin_for: Callable[[User], Client], root: User) -> Client:
+    return admin_for(root)
 
 
 @pytest.fixture
