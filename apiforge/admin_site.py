@@ -66,7 +66,6 @@ SIDEBAR: list[tuple[str, list[tuple[str, str, str]]]] = [
             ("Dashboard", "dashboard", "page:index"),
             ("Live traffic", "monitoring", "page:live"),
             ("Request log", "receipt_long", "gateway_stats.usagerecord"),
-            ("Playground", "chat", "page:playground"),
         ],
     ),
     (
@@ -91,7 +90,6 @@ SIDEBAR: list[tuple[str, list[tuple[str, str, str]]]] = [
         "Audit",
         [
             ("Audit log", "policy", "gateway_stats.auditevent"),
-            ("Rollups", "stacked_bar_chart", "page:rollups"),
         ],
     ),
 ]

@@ -280,5 +280,4 @@ class ModelAdmin(UnfoldModelAdmin):
             model_delete(model=model, **audit)
 
 
-import proxy.admin_playground  # noqa: E402, F401 - registers the playground page
 import proxy.route_admin  # noqa: E402, F401 - registers the route admin (routes with inline targets)

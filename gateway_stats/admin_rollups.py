@@ -1,1 +1,0 @@
-"""Admin page module (filled in by issue 13's work)."""
