@@ -307,6 +307,10 @@ SPECTACULAR_SETTINGS = {
     ],
 }
 
+# The only session login is the admin's: Unfold's login form carries no "next" field, so a login started at
+# /admin/login/ itself would land on Django's default /accounts/profile/ (a 404).
+LOGIN_REDIRECT_URL = "/admin/"
+
 # --- Admin (Unfold theme: apiforge/admin_site.py; every asset from our static files) ----------------
 UNFOLD = {
     "SITE_TITLE": "APIForge",

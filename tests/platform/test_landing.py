@@ -24,3 +24,9 @@ def test_the_admin_is_branded_and_view_site_points_at_the_landing_page(admin_cli
     assert "APIForge" in body
     assert "Django administration" not in body
     assert 'href="/"' in body
+
+
+def test_a_login_started_at_the_admin_login_page_lands_on_the_dashboard(admin_user, client: Client) -> None:
+    response = client.post("/admin/login/", {"username": admin_user.username, "password": "password"})
+    assert response.status_code == 302
+    assert response["Location"] == "/admin/"
