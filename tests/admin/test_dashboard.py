@@ -295,3 +295,28 @@ def test_anyone_but_staff_is_sent_to_the_login_page(admin_for, staff):
 
     assert answer.status_code == 302
     assert answer["Location"] == "/admin/login/?next=/admin/"
+
+
+def test_a_small_cost_reads_as_what_it_is_not_as_zero(admin_for, root):
+    row = usage_row(
+        UsageEvent(
+            request_id="tiny",
+            endpoint="/v1/chat/completions",
+            status=200,
+            key_id=11,
+            key_prefix="afk-tiny",
+            model="demo",
+            prompt_tokens=1,
+            completion_tokens=2,
+            latency_ms=1.0,
+            started_at=_ago(minutes=5).timestamp(),
+            input_price_per_1k=Decimal("0.002"),
+            output_price_per_1k=Decimal("0.002"),
+            event_id=uuid.uuid4().hex,
+        )
+    )
+    ledger_write([row])
+    html, elements = _page(admin_for(root), "?period=hour")
+    assert Decimal(_card(elements, "cost")) == Decimal("0.000006")
+    assert html.count(">0.000006<") == 1  # the key's row in the top keys
+    assert "0.000006" in html.split('id="card-cost"', 1)[1].split("</div>", 1)[0]
