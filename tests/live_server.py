@@ -89,12 +89,13 @@ class LiveServer:
             sock.close()
 
     def stop(self) -> None:
-        """Graceful shutdown (lifespan shutdown runs); forced after ``STOP_TIMEOUT_S`` / 2."""
+        """Graceful shutdown (lifespan shutdown runs); forced after the server's grace + ``STOP_TIMEOUT_S`` / 2."""
         server, thread = self._server, self._thread
         if server is None or thread is None:
             return
         server.should_exit = True
-        thread.join(STOP_TIMEOUT_S / 2)
+        # uvicorn's own grace (timeout_graceful_shutdown) runs first, then the lifespan shutdown
+        thread.join((server.config.timeout_graceful_shutdown or 0) + STOP_TIMEOUT_S / 2)
         if thread.is_alive():
             server.force_exit = True
             thread.join(STOP_TIMEOUT_S / 2)

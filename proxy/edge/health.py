@@ -213,9 +213,13 @@ _checker: list[HealthChecker] = []
 
 
 async def health_checker_start() -> None:
-    """Start the checker in this process when ``HEALTH_CHECKS`` is on (the lifespan; once per process)."""
-    if not settings.HEALTH_CHECKS or _checker:
+    """Start the checker in this process when ``HEALTH_CHECKS`` is on (the lifespan; once per process). A checker
+    left behind by a server whose loop has closed without its shutdown (a forced exit) is replaced."""
+    if not settings.HEALTH_CHECKS:
         return
+    if _checker and not (_checker[0].task is not None and _checker[0].task.get_loop().is_closed()):
+        return
+    _checker.clear()
     checker = HealthChecker()
     _checker.append(checker)
     checker.start()

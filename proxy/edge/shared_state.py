@@ -309,9 +309,11 @@ _sync: list[_SharedSync] = []
 
 
 async def shared_start() -> None:
-    """Start this process's sync (the lifespan; a second server in the same process shares the first's)."""
-    if _sync:
+    """Start this process's sync (the lifespan; a second server in the same process shares the first's). A sync
+    left behind by a server whose loop has closed without its shutdown (a forced exit) is replaced."""
+    if _sync and not _sync[0].loop.is_closed():
         return
+    _sync.clear()
     sync = _SharedSync()
     _sync.append(sync)
     await sync.start()

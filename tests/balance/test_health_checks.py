@@ -7,6 +7,7 @@ service is down) and restores. Routes are real rows; the balancer seen is the on
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterator
@@ -143,3 +144,33 @@ def test_a_target_no_longer_checked_loses_its_verdict(gateway_server, target_ser
 
     _wait_for(key, "unknown")  # the stored health ("healthy") decides again
     assert key not in _ready_breakers(server)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_checker_and_breaker_sync_left_by_a_server_that_never_shut_down_are_replaced(settings):
+    """A server forced out (its lifespan shutdown never ran) leaves its checker and sync on a closed loop; the
+    next server in the process starts its own instead of counting on dead tasks."""
+    from proxy.edge import shared_state
+
+    settings.HEALTH_CHECKS = True
+
+    async def started() -> tuple[object, object, bool]:
+        await shared_state.shared_start()
+        await health.health_checker_start()
+        return shared_state._sync[0], health._checker[0], not health._checker[0].task.done()
+
+    first_sync, first_checker, _ = asyncio.run(started())  # the loop closes without the shutdown
+
+    async def started_again() -> tuple[object, object, bool]:
+        try:
+            return await started()
+        finally:
+            await health.health_checker_stop()
+            await shared_state.shared_stop()
+
+    second_sync, second_checker, running = asyncio.run(started_again())
+    assert second_sync is not first_sync
+    assert second_checker is not first_checker
+    assert running
+    assert shared_state._sync == []
+    assert health._checker == []
