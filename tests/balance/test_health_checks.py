@@ -157,7 +157,8 @@ def test_a_checker_and_breaker_sync_left_by_a_server_that_never_shut_down_are_re
     async def started() -> tuple[object, object, bool]:
         await shared_state.shared_start()
         await health.health_checker_start()
-        return shared_state._sync[0], health._checker[0], not health._checker[0].task.done()
+        checker = health._checker[0]
+        return shared_state._sync[0], checker, checker.task is not None and not checker.task.done()
 
     first_sync, first_checker, _ = asyncio.run(started())  # the loop closes without the shutdown
 
