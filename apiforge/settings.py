@@ -294,7 +294,15 @@ SIMPLE_JWT = {
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "APIForge API",
-    "DESCRIPTION": "Management API of the APIForge gateway: accounts, API keys, upstreams, models, routes, stats.",
+    "DESCRIPTION": (
+        "APIForge, an API gateway with an OpenAI-compatible proxy. The management API (`/auth/`, `/api/`) takes a "
+        "JWT access token from `/auth/login` (or an admin session): accounts, your API keys and, for staff, "
+        "upstreams, models, routes, the request log, statistics and the audit trail. The proxy the clients call "
+        "takes an API key (`Authorization: Bearer afk-...` or `x-api-key`): the OpenAI-compatible endpoints "
+        "under `/v1/` and the gateway routes under `/gw/`, documented here under their own tags. Errors of the "
+        "management API are `{detail, code, fields}`; the proxy's are OpenAI-shaped `{error: {message, type, "
+        "param, code}}`."
+    ),
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "SWAGGER_UI_DIST": "SIDECAR",
@@ -304,6 +312,7 @@ SPECTACULAR_SETTINGS = {
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         "apiforge.schema.error_responses_and_strict_bodies",  # the error answers every operation can give
+        "apiforge.schema_proxy.proxy_paths",  # /v1/ and /gw/, answered by the edge rather than by DRF views
     ],
 }
 

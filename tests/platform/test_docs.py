@@ -192,6 +192,8 @@ def _operations(schema: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]
 
 def test_every_operation_documents_the_error_answers_it_can_give(schema: dict[str, Any]) -> None:
     for route, method, operation in _operations(schema):
+        if route.startswith(("/v1/", "/gw/")):
+            continue  # the proxy's own errors: the next test
         responses = operation["responses"]
         label = f"{method.upper()} {route}"
         if "requestBody" in operation:
@@ -210,6 +212,49 @@ def test_every_operation_documents_the_error_answers_it_can_give(schema: dict[st
     assert "403" in paths["/api/keys/"]["post"]["responses"]  # a session request without its CSRF token
     assert "403" not in paths["/auth/login"]["post"]["responses"]
     assert "WWW-Authenticate" in paths["/api/keys/"]["get"]["responses"]["401"]["headers"]
+
+
+def test_the_proxy_and_the_gateway_are_documented_apart_with_api_key_security_and_openai_errors(
+    schema: dict[str, Any],
+) -> None:
+    paths = schema["paths"]
+    proxied = {route for route in paths if route.startswith(("/v1/", "/gw/"))}
+    assert proxied == {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/models",
+        "/v1/models/{model}",
+        "/gw/{path}",
+    }
+    chat = paths["/v1/chat/completions"]["post"]
+    assert chat["tags"] == ["OpenAI-compatible proxy"]
+    assert chat["security"] == [{"apiKeyBearer": []}, {"apiKeyHeader": []}]
+    assert {"application/json", "text/event-stream"} == set(chat["responses"]["200"]["content"])
+    assert chat["requestBody"]["content"]["application/json"]["schema"]["required"] == ["model", "messages"]
+    assert {"401", "403", "429", "502", "503", "504"} <= set(chat["responses"])
+    error = _ref(schema, chat["responses"]["429"]["content"])
+    assert error["properties"]["error"]["required"] == ["message", "type"]
+    assert "Retry-After" in chat["responses"]["429"]["headers"]
+    gateway = paths["/gw/{path}"]
+    assert set(gateway) == {"get", "post", "put", "patch", "delete"}
+    assert gateway["get"]["tags"] == ["Gateway routes"]
+    assert {} in gateway["get"]["security"]  # a route may need no credential at all
+    management_tags = {tag for route, _, op in _operations(schema) if route.startswith("/api/") for tag in op["tags"]}
+    assert not management_tags & {"OpenAI-compatible proxy", "Gateway routes"}
+    assert [tag["name"] for tag in schema["tags"]][-2:] == ["OpenAI-compatible proxy", "Gateway routes"]
+    assert {tag["name"] for tag in schema["tags"]} >= management_tags  # every tag described
+    schemes = schema["components"]["securitySchemes"]
+    assert schemes["apiKeyBearer"]["scheme"] == "bearer"
+    assert schemes["apiKeyHeader"] == {**schemes["apiKeyHeader"], "in": "header", "name": "x-api-key"}
+
+
+def test_the_description_says_which_credential_each_part_takes(schema: dict[str, Any]) -> None:
+    description = schema["info"]["description"]
+    assert "`/v1/`" in description
+    assert "`/gw/`" in description
+    assert "JWT" in description
+    assert "API key" in description
 
 
 def test_validation_error_fields_are_documented_as_flat_paths_to_messages(schema: dict[str, Any]) -> None:
