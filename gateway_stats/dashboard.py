@@ -310,6 +310,38 @@ def dashboard_usage(*, period: Period, now: datetime, flt: UsageFilter) -> Dashb
     )
 
 
+def key_usage_charts(*, key_id: int, now: datetime) -> tuple[bool, list[Chart]]:
+    """One key's last 30 days, per day: requests and errors, and tokens and cost (the key's admin page). Also
+    whether it had any call in that time."""
+    period = PERIODS["30d"]
+    series = usage_time_series(
+        start=now - period.span,
+        end=now,
+        interval=period.interval,
+        group_by=None,
+        flt=UsageFilter(scope_user_id=None, key_id=key_id),
+    )
+    points = dict(series.series[0].points) if series.series else {}
+    buckets = _buckets(series.start, series.end, period.interval)
+    labels = [bucket.strftime(period.tick_format) for bucket in buckets]
+    empty = UsageNumbers()
+    numbers = [points.get(bucket, empty) for bucket in buckets]
+    axis = {"displayYAxis": True}
+    requests = [
+        _dataset("Requests", [one.requests for one in numbers], _PRIMARY, **axis),
+        _dataset("Errors", [one.errors for one in numbers], _RED),
+    ]
+    bars = {**axis, "maxBarThickness": 16}
+    tokens = [_dataset("Tokens", [one.total_tokens for one in numbers], _PRIMARY, **bars)]
+    cost = [_dataset("Cost", [float(one.cost) for one in numbers], _PRIMARY, **bars)]
+    charts = [
+        _chart("key-requests", "Requests and errors per day", "line", labels, requests),
+        _chart("key-tokens", "Tokens per day", "bar", labels, tokens),
+        _chart("key-cost", "Cost per day", "bar", labels, cost),
+    ]
+    return bool(points), charts
+
+
 def ingestion_state() -> IngestionState:
     """The ledger's ingestion lag (the latest batch any consumer committed) and this process's backlog."""
     latest = ingestion_lag_latest()

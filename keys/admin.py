@@ -8,14 +8,16 @@ the usage ledger, read-only) and when it was last used.
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db.models import QuerySet
+from django.db.models import Count, QuerySet, Sum
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
+from django.template.loader import render_to_string
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
@@ -24,11 +26,13 @@ from django.utils.formats import localize
 from django.utils.html import format_html, format_html_join
 from unfold.admin import ModelAdmin
 from unfold.decorators import display
+from unfold.widgets import UnfoldAdminSelect2MultipleWidget
 
 from apiforge.audit import audit_context
+from gateway_stats.dashboard import key_usage_charts
 from gateway_stats.models import UsageRecord
 from keys.models import ApiKey
-from keys.scopes import scope_errors
+from keys.scopes import SCOPE_FIELDS, scope_errors, scope_names_known
 from keys.selectors import BudgetSpent, key_budget_spent_many
 from keys.services import (
     ROTATION_GRACE_MAX_S,
@@ -46,6 +50,7 @@ from keys.services import (
 _LIMIT_FIELDS = ("rpm_limit", "tpm_limit", "max_concurrency", "budget_tokens", "budget_cost", "budget_period")
 _BUDGET_STATE_FIELDS = ("budget_spent", "budget_remaining", "budget_resets_at")
 _RECENT_ERRORS = 10
+_MINUTE = timedelta(minutes=1)
 # Badge colours (Unfold label types); a disabled key is switched off on purpose, so it stays grey.
 _STATE_LABELS = {"active": "success", "expired": "warning", "revoked": "danger"}
 
@@ -72,10 +77,30 @@ class _ListFormField(forms.CharField):
         return [item for item in re.split(r"[\s,]+", text) if item]
 
 
+class _ScopeField(forms.MultipleChoiceField):
+    """Names picked from those that exist (the form sets the choices); the names a key already holds stay
+    listed even when they no longer exist, and unknown names are ``scope_errors``' to report."""
+
+    widget = UnfoldAdminSelect2MultipleWidget
+
+    def to_python(self, value: Any) -> list[str]:
+        return [name for name in super().to_python(value) if name]
+
+    def valid_value(self, value: str) -> bool:
+        return isinstance(value, str)
+
+
 class ApiKeyAdminForm(forms.ModelForm):
-    allowed_models = _ListFormField(required=False, help_text="Public model names; empty = all.")
-    allowed_routes = _ListFormField(required=False, help_text="Route names; empty = all.")
+    allowed_models = _ScopeField(required=False, help_text="The public models this key may call; none = all.")
+    allowed_routes = _ScopeField(required=False, help_text="The gateway routes this key may call; none = all.")
     ip_allowlist = _ListFormField(required=False, help_text="IPv4/IPv6 addresses or CIDR networks; empty = any.")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for kind, field in SCOPE_FIELDS.items():
+            held = list(self.initial.get(field) or [])
+            names = list(dict.fromkeys([*scope_names_known(kind), *held]))
+            self.fields[field].choices = [(name, name) for name in names]  # type: ignore[attr-defined]
 
     class Meta:
         model = ApiKey
@@ -155,12 +180,15 @@ class ApiKeyAdmin(ModelAdmin):
         "revoked_at",
         "previous_valid_until",
         "recent_errors",
+        "usage_charts",
+        "limit_headroom",
         *_BUDGET_STATE_FIELDS,
     ]
     fieldsets = [
         (None, {"fields": ["owner", "name", "prefix", "is_active", "expires_at"]}),
         ("Scopes", {"fields": ["allowed_models", "allowed_routes", "ip_allowlist"]}),
-        ("Limits and budget", {"fields": [*_LIMIT_FIELDS, *_BUDGET_STATE_FIELDS]}),
+        ("Limits and budget", {"fields": [*_LIMIT_FIELDS, *_BUDGET_STATE_FIELDS, "limit_headroom"]}),
+        ("Usage (last 30 days)", {"fields": ["usage_charts"]}),
         ("Recent activity", {"fields": ["last_used_at", "recent_errors"]}),
         ("Other", {"fields": ["metadata"]}),
         ("History", {"fields": ["created_at", "updated_at", "revoked_at", "previous_valid_until"]}),
@@ -213,6 +241,34 @@ class ApiKeyAdmin(ModelAdmin):
     def budget_resets_at(self, obj: ApiKey) -> Any:
         resets_at = self._spent(obj).resets_at
         return "never (total)" if resets_at is None else resets_at
+
+    @admin.display(description="rate-limit headroom")
+    def limit_headroom(self, obj: ApiKey) -> str:
+        """The last minute's calls and tokens (from the ledger) against the per-minute limits."""
+        if obj.rpm_limit is None and obj.tpm_limit is None:
+            return "- (no per-minute limit)"
+        used = UsageRecord.objects.filter(key_id=obj.pk, started_at__gte=timezone.now() - _MINUTE).aggregate(
+            calls=Count("id"), tokens=Sum("total_tokens")
+        )
+        parts = []
+        for limit, spent, unit in (
+            (obj.rpm_limit, used["calls"], "requests"),
+            (obj.tpm_limit, used["tokens"], "tokens"),
+        ):
+            if limit is not None:
+                parts.append(f"{max(0, limit - (spent or 0)):,} of {limit:,} {unit} left")
+        return "; ".join(parts) + " (the last minute's calls in the request log)"
+
+    @admin.display(description="usage")
+    def usage_charts(self, obj: ApiKey) -> str:
+        if obj.pk is None:
+            return "-"
+        had_calls, charts = key_usage_charts(key_id=obj.pk, now=timezone.now())
+        if not had_calls:
+            return "No calls in the last 30 days."
+        return format_html_join(
+            "", "{}", ((render_to_string("admin/dashboard/chart.html", {"chart": c}),) for c in charts)
+        )
 
     @admin.display(description=f"last {_RECENT_ERRORS} errors")
     def recent_errors(self, obj: ApiKey) -> str:

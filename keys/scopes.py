@@ -26,12 +26,27 @@ _UNKNOWN: dict[ScopeKind, tuple[str, str]] = {
     "routes": ("Unknown route: %(names)s.", "unknown_route"),
 }
 
+# Returns every name of the kind that exists, sorted (the admin's choices).
+ScopeLister = Callable[[], list[str]]
+
 _checkers: dict[ScopeKind, ScopeChecker] = {}
+_listers: dict[ScopeKind, ScopeLister] = {}
 
 
 def scope_checker_register(kind: ScopeKind, checker: ScopeChecker) -> None:
     """Make ``checker`` the one that says which ``kind`` names are unknown (a later call replaces it)."""
     _checkers[kind] = checker
+
+
+def scope_lister_register(kind: ScopeKind, lister: ScopeLister) -> None:
+    """Make ``lister`` the one that lists the existing ``kind`` names (a later call replaces it)."""
+    _listers[kind] = lister
+
+
+def scope_names_known(kind: ScopeKind) -> list[str]:
+    """The existing names of ``kind``, sorted; none when no lister is registered for the kind."""
+    lister = _listers.get(kind)
+    return [] if lister is None else lister()
 
 
 def scope_names_unknown(kind: ScopeKind, names: Iterable[str]) -> list[str]:

@@ -7,12 +7,19 @@ class ProxyConfig(AppConfig):
 
     def ready(self) -> None:
         from apiforge.lifespan import AppHooks, lifespan_hooks_register
-        from keys.scopes import scope_checker_register
+        from keys.scopes import scope_checker_register, scope_lister_register
         from proxy.catalog import catalog_rows_reader_register
         from proxy.edge.jwt_auth import jwt_user_reader_register
         from proxy.edge.runtime import proxy_start, proxy_stop
         from proxy.gateway_catalog import gateway_rows_reader_register
-        from proxy.selectors import catalog_rows, gateway_rows, jwt_user_row, model_names_unknown
+        from proxy.selectors import (
+            catalog_rows,
+            gateway_rows,
+            jwt_user_row,
+            model_names,
+            model_names_unknown,
+            route_names,
+        )
 
         # Start: the breaker/health state sync and the health checker; stop: those, then the upstream pool,
         # before gateway_stats' usage emitter stops (INSTALLED_APPS order).
@@ -34,3 +41,6 @@ class ProxyConfig(AppConfig):
         # The keys services check that the models a key names exist; the names are this app's data. Route names
         # are not checked: a key names the route it will register itself (routes come and go with their services).
         scope_checker_register("models", model_names_unknown)
+        # What the key admin offers to choose from.
+        scope_lister_register("models", model_names)
+        scope_lister_register("routes", route_names)

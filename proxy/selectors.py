@@ -25,6 +25,16 @@ def model_names_unknown(names: Iterable[str]) -> list[str]:
     return [name for name in wanted if name not in known]
 
 
+def model_names() -> list[str]:
+    """Every public model name, sorted."""
+    return list(Model.objects.order_by("name").values_list("name", flat=True))
+
+
+def route_names() -> list[str]:
+    """Every route name, sorted."""
+    return list(Route.objects.order_by("name").values_list("name", flat=True))
+
+
 def catalog_rows() -> tuple[QuerySet[Deployment], QuerySet[Model]]:
     """What the routing catalog is built from (``proxy.catalog.catalog_load``): the active deployments
     of active upstreams, their upstreams joined, and the active models. Two queries."""

@@ -4,17 +4,22 @@ picked with an autocomplete, and the change page's last errors (linked to the re
 
 from __future__ import annotations
 
+import html
+import json
 import re
 from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
 from django.contrib.auth.models import Permission
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
 from accounts.models import User
+from gateway_stats.models import UsageRecord
 from keys.models import ApiKey
 from tests.factories import ApiKeyFactory, UserFactory
 from tests.records.conftest import at, usage
@@ -105,3 +110,87 @@ def test_a_key_without_errors_says_none(admin_client_: Client) -> None:
 
     assert re.search(r"Last 10 errors.*?none", page, re.S)
     assert not re.search(r"/admin/gateway_stats/usagerecord/\d+/change/", page)
+
+
+def test_the_scopes_are_picked_from_the_models_and_routes_that_exist(admin_client_: Client) -> None:
+    from proxy.models import Model, Route
+
+    Model.objects.create(name="gpt-pick")
+    Model.objects.create(name="gpt-other")
+    Route.objects.create(name="weather", path="/weather")
+    key = ApiKeyFactory(name="scoped", allowed_models=["gpt-pick"])
+    url = reverse("admin:keys_apikey_change", args=[key.pk])
+
+    page = admin_client_.get(url).content.decode()
+
+    models = re.search(r'<select name="allowed_models"[^>]*multiple[^>]*>(.*?)</select>', page, re.S)
+    routes = re.search(r'<select name="allowed_routes"[^>]*multiple[^>]*>(.*?)</select>', page, re.S)
+    assert models is not None
+    assert routes is not None
+    assert re.findall(r'<option value="([^"]+)"', models[1]) == ["gpt-other", "gpt-pick"]
+    assert re.search(r'<option value="gpt-pick"[^>]*selected', models[1])
+    assert re.findall(r'<option value="([^"]+)"', routes[1]) == ["weather"]
+
+    form = {
+        "name": "scoped",
+        "is_active": "on",
+        "allowed_models": ["gpt-pick", "gpt-other"],
+        "allowed_routes": ["weather"],
+        "budget_period": "month",
+        "metadata": "{}",
+    }
+    assert admin_client_.post(url, form).status_code == 302
+    key.refresh_from_db()
+    assert (key.allowed_models, key.allowed_routes) == (["gpt-pick", "gpt-other"], ["weather"])
+
+    answer = admin_client_.post(url, {**form, "allowed_models": ["gpt-gone"]})
+    assert answer.status_code == 200
+    assert "Unknown model: gpt-gone." in answer.content.decode()
+
+
+def test_the_change_page_charts_the_keys_last_30_days_and_its_headroom(admin_client_: Client) -> None:
+    now = timezone.now()
+    key = ApiKeyFactory(name="busy", rpm_limit=10, tpm_limit=1000)
+    quiet = ApiKeyFactory(name="quiet-one")
+    for seconds in (5, 10, 20):
+        usage(
+            key=key,
+            started_at=now - timedelta(seconds=seconds),
+            prompt_tokens=60,
+            completion_tokens=40,
+            total_tokens=100,
+        )
+    usage(key=key, started_at=now - timedelta(days=3), status=502, error_code="upstream_error")
+    usage(key=key, started_at=now - timedelta(days=40))  # outside the window
+
+    page = admin_client_.get(reverse("admin:keys_apikey_change", args=[key.pk])).content.decode()
+
+    charts = dict(re.findall(r'<canvas id="chart-(key-[\w-]+)"[^>]*data-value="([^"]+)"', page))
+    assert set(charts) == {"key-requests", "key-tokens", "key-cost"}
+    requests = json.loads(html.unescape(charts["key-requests"]))
+    assert len(requests["labels"]) >= 30
+    assert sum(requests["datasets"][0]["data"]) == 4  # the 40-day-old call is left out
+    assert sum(requests["datasets"][1]["data"]) == 1
+    assert sum(json.loads(html.unescape(charts["key-tokens"]))["datasets"][0]["data"]) == 315
+    assert "7 of 10 requests left; 700 of 1,000 tokens left" in page
+
+    page = admin_client_.get(reverse("admin:keys_apikey_change", args=[quiet.pk])).content.decode()
+    assert "No calls in the last 30 days." in page
+    assert "no per-minute limit" in page
+
+
+def test_the_change_page_queries_do_not_grow_with_the_keys_calls(admin_client_: Client) -> None:
+    key = ApiKeyFactory(name="counted", rpm_limit=10)
+    now = timezone.now()
+    url = reverse("admin:keys_apikey_change", args=[key.pk])
+
+    def queries_with(rows: int) -> int:
+        while UsageRecord.objects.filter(key_id=key.pk).count() < rows:
+            n = UsageRecord.objects.count()
+            usage(key=key, started_at=now - timedelta(hours=n % 700), status=200 if n % 3 else 500)
+        admin_client_.get(url)  # warm: session, content types
+        with CaptureQueriesContext(connection) as queries:
+            assert admin_client_.get(url).status_code == 200
+        return len(queries)
+
+    assert queries_with(10) == queries_with(100)
