@@ -1,6 +1,12 @@
 """Admin for gateway routes, with their targets inline: the live health and breaker state of each target shown
 read-only, and actions to activate, deactivate, drain and restore.
 
+The change page is the route's control room: the last 24 h of its traffic from the ledger and each target's
+breaker and health verdict (``proxy.route_ops``), buttons (Unfold's ``actions_detail``, each behind a
+confirmation dialog that POSTs) to reset the breakers, run the health check now, test the connection and
+extend the lease, and a drain / restore button on each target row (posted to ``target_health_view``). The
+changelist has the same operations as bulk actions. Every operation is audited by its service.
+
 Every write goes through ``proxy.route_services`` (validation, leases, audit, the gateway catalog's
 invalidation): the route form checks with ``route_validate``, the inline rows with ``targets_errors``, and the
 route and its targets are written together by one service call once both are valid (``save_related``).
@@ -16,18 +22,41 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Q, QuerySet
 from django.forms.models import construct_instance
-from django.http import HttpRequest
+from django.http import (
+    Http404,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBase,
+    HttpResponseNotAllowed,
+    HttpResponseRedirect,
+)
+from django.shortcuts import get_object_or_404
+from django.urls import URLPattern, reverse
+from django.urls import path as url_pattern
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
 from unfold.admin import ModelAdmin, TabularInline
+from unfold.decorators import action
+from unfold.enums import ActionVariant
 
 from apiforge.audit import audit_context
+from apiforge.local_cache import CacheUnavailable
 from proxy.admin_formsets import ServiceSavedInlineFormSet
 from proxy.edge import breaker as edge_breaker
 from proxy.models import Route, RouteTarget
+from proxy.route_ops import (
+    NoHealthCheck,
+    ProbeResult,
+    route_breakers_reset,
+    route_connection_test,
+    route_health_check_run,
+    route_traffic,
+    target_states,
+)
 from proxy.route_selectors import route_list_for_admin
 from proxy.route_services import (
     ROUTE_FIELDS,
@@ -35,11 +64,28 @@ from proxy.route_services import (
     route_activate,
     route_create,
     route_delete,
+    route_lease_extend,
+    route_target_health_set,
     route_targets_health_set,
     route_update,
     route_validate,
     targets_errors,
 )
+
+_RESET_TEXT = (
+    "Close the breaker of every target of this route and forget their health verdicts, on every worker. "
+    "Calls go to the targets again at once."
+)
+_CHECK_TEXT = (
+    "Probe every target (drained ones excepted) with the route's health check now and record each result as "
+    "the target's verdict at once."
+)
+_TEST_TEXT = (
+    "Probe every target without recording anything: the health check's path and timeout, or GET / (any HTTP "
+    "answer counts as connected) for a route without one."
+)
+_LEASE_TEXT = "Renew the lease: it then runs ttl_s seconds from now, as after a heartbeat of the service."
+
 
 _JSON_FIELDS = ("path_rewrite", "request_headers", "response_headers", "fallback", "health_check")
 
@@ -163,8 +209,8 @@ class RouteTargetInline(TabularInline):
     extra = 1
     min_num = 1
     validate_min = True
-    fields = ["url", "weight", "health", "live_health", "breaker"]
-    readonly_fields = ["live_health", "breaker"]
+    fields = ["url", "weight", "health", "live_health", "breaker", "control"]
+    readonly_fields = ["live_health", "breaker", "control"]
 
     @admin.display(description="live health")
     def live_health(self, obj: RouteTarget) -> str:
@@ -173,6 +219,23 @@ class RouteTargetInline(TabularInline):
     @admin.display(description="breaker")
     def breaker(self, obj: RouteTarget) -> str:
         return target_live_state(obj)[1] if obj.pk else "-"
+
+    @admin.display(description="drain / restore")
+    def control(self, obj: RouteTarget) -> str:
+        """A button posting the small form of ``change_form_outer_after_template`` (outside the change form, so
+        Enter in a field still saves the route) to ``target_health_view``."""
+        if not obj.pk:
+            return "-"
+        drained = obj.health == RouteTarget.Health.DRAINED
+        operation = "restore" if drained or obj.health == RouteTarget.Health.UNHEALTHY else "drain"
+        url = reverse("admin:proxy_route_target_health", args=(obj.route_id, obj.pk, operation))
+        return format_html(
+            '<button type="submit" form="route-target-operations" formaction="{}" '
+            'class="border border-base-200 rounded-default px-2 py-1 text-xs font-medium hover:bg-base-100 '
+            'dark:border-base-700 dark:hover:bg-base-800">{}</button>',
+            url,
+            "Restore" if operation == "restore" else "Drain",
+        )
 
 
 class LeaseFilter(admin.SimpleListFilter):
@@ -209,8 +272,19 @@ class RouteAdmin(ModelAdmin):
     list_display = ["name", "path", "version", "auth", "target_count", "is_active", "lease", "deprecated", "updated_at"]
     list_filter = ["is_active", LeaseFilter, "auth", "deprecated", "balancer", "deactivated_reason"]
     search_fields = ["name", "path", "targets__url"]
-    actions = ["activate_routes", "deactivate_routes", "drain_targets", "restore_targets"]
+    actions = [
+        "activate_routes",
+        "deactivate_routes",
+        "drain_targets",
+        "restore_targets",
+        "reset_breakers",
+        "run_health_checks",
+        "extend_leases",
+    ]
+    change_form_outer_after_template = "admin/proxy/route/target_operations_form.html"
+    actions_detail = ["detail_reset_breakers", "detail_health_check", "detail_connection_test", "detail_lease_extend"]
     readonly_fields = [
+        "operations_panel",
         "lease_expires_at",
         "deactivated_reason",
         "registered_by_key_id",
@@ -219,6 +293,7 @@ class RouteAdmin(ModelAdmin):
         "updated_at",
     ]
     fieldsets = [
+        ("Now: last 24 h and the targets' state", {"fields": ["operations_panel"]}),
         (None, {"fields": ["name", "path", "version", "methods", "hosts", "auth", "is_active", "deactivated_reason"]}),
         (
             "Forwarding",
@@ -257,6 +332,20 @@ class RouteAdmin(ModelAdmin):
     def get_queryset(self, request: HttpRequest) -> QuerySet[Route]:
         return route_list_for_admin()
 
+    def get_fieldsets(self, request: HttpRequest, obj: Route | None = None) -> Any:
+        fieldsets = super().get_fieldsets(request, obj)
+        return fieldsets if obj is not None else [fs for fs in fieldsets if "operations_panel" not in fs[1]["fields"]]
+
+    def get_urls(self) -> list[URLPattern]:
+        extra = [
+            url_pattern(
+                "<int:route_id>/targets/<int:target_id>/<str:operation>/",
+                self.admin_site.admin_view(self.target_health_view),
+                name="proxy_route_target_health",
+            )
+        ]
+        return extra + super().get_urls()
+
     @admin.display(description="targets", ordering="target_count")
     def target_count(self, obj: Route) -> int:
         return int(getattr(obj, "target_count", 0))
@@ -273,6 +362,50 @@ class RouteAdmin(ModelAdmin):
         return format_html(
             "<table><thead><tr><th>URL</th><th>weight</th><th>stored health</th><th>live health</th>"
             "<th>breaker</th></tr></thead><tbody>{}</tbody></table>",
+            format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", rows),
+        )
+
+    @admin.display(description="traffic and targets")
+    def operations_panel(self, obj: Route) -> str:
+        if obj.pk is None:
+            return "-"
+        traffic = route_traffic(route_name=obj.name)
+        rate = "-" if traffic.error_rate is None else f"{traffic.error_rate:.1%}"
+        cards = [
+            ("Calls", f"{traffic.calls:,}"),
+            ("Error rate", rate),
+            ("Latency p50", _ms(traffic.p50_ms)),
+            ("Latency p95", _ms(traffic.p95_ms)),
+            ("Refused, no target available", f"{traffic.refused:,}"),
+        ]
+        rows = []
+        now = timezone.now().timestamp()
+        for target, verdict, view in target_states(obj.targets.order_by("pk")):
+            opened = f"open for {max(view.open_until - now, 0):.0f} s more" if view.open_until else ""
+            detail = ", ".join(
+                part
+                for part in (
+                    opened,
+                    f"{view.failures} failure(s) in a row" if view.failures else "",
+                    f"trip {view.trips} in a row" if view.trips else "",
+                )
+                if part
+            )
+            rows.append((target.url, target.health, verdict, view.state, detail or "-"))
+        return format_html(
+            '<div class="flex flex-wrap gap-4 mb-4">{}</div>'
+            '<table class="w-full text-sm"><thead><tr class="text-left"><th>Target</th><th>stored health</th>'
+            "<th>health check verdict</th><th>breaker</th><th>breaker detail</th></tr></thead><tbody>{}</tbody>"
+            "</table>"
+            '<p class="text-xs mt-2">Last 24 h from the request log, by route name. “Refused” counts the calls '
+            "answered 503 <code>no_healthy_upstream</code>: no target could take them (breakers open, or every "
+            "target drained or unhealthy). Breaker and verdict as this server sees them.</p>",
+            format_html_join(
+                "",
+                '<div class="border border-base-200 rounded-default px-3 py-2 dark:border-base-700">'
+                '<div class="text-xs">{}</div><div class="font-semibold text-base">{}</div></div>',
+                cards,
+            ),
             format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", rows),
         )
 
@@ -342,3 +475,167 @@ class RouteAdmin(ModelAdmin):
             route_targets_health_set(route=route, health="healthy", only="drained", **audit) for route in queryset
         )
         self.message_user(request, f"Restored {changed} target(s).", messages.SUCCESS)
+
+    @admin.action(description="Reset the circuit breakers of selected routes' targets", permissions=["change"])
+    def reset_breakers(self, request: HttpRequest, queryset: QuerySet[Route]) -> None:
+        for route in queryset:
+            self._reset_breakers(request, route)
+
+    @admin.action(description="Run the health check of selected routes now", permissions=["change"])
+    def run_health_checks(self, request: HttpRequest, queryset: QuerySet[Route]) -> None:
+        for route in queryset:
+            self._health_check(request, route)
+
+    @admin.action(description="Extend the lease of selected routes", permissions=["change"])
+    def extend_leases(self, request: HttpRequest, queryset: QuerySet[Route]) -> None:
+        for route in queryset:
+            self._lease_extend(request, route)
+
+    # --- the change page's buttons (a confirmation dialog each, submitted by POST) ---------------------------
+    @action(
+        description="Reset circuit breakers",
+        icon="restart_alt",
+        permissions=["change"],
+        url_path="reset-breakers",
+        dialog={"title": "Reset circuit breakers", "description": _RESET_TEXT, "form_submit_text": "Reset"},
+    )
+    def detail_reset_breakers(self, request: HttpRequest, form: Any, object_id: str) -> HttpResponse:
+        self._reset_breakers(request, self._route(object_id))
+        return _back(request, object_id)
+
+    @action(
+        description="Run health check now",
+        icon="ecg_heart",
+        permissions=["change"],
+        url_path="health-check",
+        dialog={"title": "Run health check now", "description": _CHECK_TEXT, "form_submit_text": "Run"},
+    )
+    def detail_health_check(self, request: HttpRequest, form: Any, object_id: str) -> HttpResponse:
+        self._health_check(request, self._route(object_id))
+        return _back(request, object_id)
+
+    @action(
+        description="Test connection",
+        icon="lan",
+        permissions=["change"],
+        url_path="connection-test",
+        dialog={"title": "Test connection", "description": _TEST_TEXT, "form_submit_text": "Test"},
+    )
+    def detail_connection_test(self, request: HttpRequest, form: Any, object_id: str) -> HttpResponse:
+        route = self._route(object_id)
+        used, results = route_connection_test(route=route, **audit_context(request).service_kwargs())
+        level = messages.SUCCESS if all(r.ok for r in results) else messages.WARNING
+        self.message_user(request, _results_message(f"Connection test of “{route.name}” (GET {used}):", results), level)
+        return _back(request, object_id)
+
+    @action(
+        description="Extend lease",
+        icon="timer",
+        permissions=["change"],
+        url_path="lease-extend",
+        variant=ActionVariant.DEFAULT,
+        dialog={"title": "Extend lease", "description": _LEASE_TEXT, "form_submit_text": "Extend"},
+    )
+    def detail_lease_extend(self, request: HttpRequest, form: Any, object_id: str) -> HttpResponse:
+        self._lease_extend(request, self._route(object_id))
+        return _back(request, object_id)
+
+    def target_health_view(
+        self, request: HttpRequest, route_id: int, target_id: int, operation: str
+    ) -> HttpResponseBase:
+        """Drain or restore one target (POST from its row's button, CSRF-checked by the admin's view wrapper)."""
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        if not self.has_change_permission(request):
+            raise PermissionDenied
+        target = get_object_or_404(RouteTarget.objects.select_related("route"), pk=target_id, route_id=route_id)
+        back = reverse("admin:proxy_route_change", args=(route_id,))
+        health = {"drain": RouteTarget.Health.DRAINED, "restore": RouteTarget.Health.HEALTHY}.get(operation)
+        if health is None:
+            self.message_user(request, f"Unknown operation “{operation}” (drain or restore).", messages.ERROR)
+            return HttpResponseRedirect(back)
+        changed = route_target_health_set(target=target, health=health, **audit_context(request).service_kwargs())
+        done = "drained (no new calls)" if operation == "drain" else "restored (healthy)"
+        if changed:
+            self.message_user(request, f"Target {target.url} {done}.", messages.SUCCESS)
+        else:
+            self.message_user(request, f"Target {target.url} was already {health}: nothing changed.", messages.INFO)
+        return HttpResponseRedirect(back)
+
+    # --- the operations, for one route ----------------------------------------------------------------------
+    def _route(self, object_id: str) -> Route:
+        route = Route.objects.filter(pk=object_id).first() if str(object_id).isdigit() else None
+        if route is None:
+            raise Http404("No such route.")
+        return route
+
+    def _reset_breakers(self, request: HttpRequest, route: Route) -> None:
+        try:
+            before = route_breakers_reset(route=route, **audit_context(request).service_kwargs())
+        except CacheUnavailable:
+            self.message_user(
+                request,
+                f"“{route.name}”: breakers reset on this server only; Redis is unreachable, so the other workers "
+                "keep theirs until it is back. Try again.",
+                messages.ERROR,
+            )
+            return
+        opened = sum(1 for view in before if view.state != "closed")
+        self.message_user(
+            request,
+            f"“{route.name}”: reset the breakers of {len(before)} target(s) ({opened} were open or half-open).",
+            messages.SUCCESS,
+        )
+
+    def _health_check(self, request: HttpRequest, route: Route) -> None:
+        try:
+            results = route_health_check_run(route=route, **audit_context(request).service_kwargs())
+        except NoHealthCheck:
+            self.message_user(
+                request,
+                f"“{route.name}” has no health check configured (health_check is empty): nothing to run. "
+                "Set one, or use “Test connection”.",
+                messages.WARNING,
+            )
+            return
+        except CacheUnavailable:
+            self.message_user(
+                request,
+                f"“{route.name}”: probed, but the verdicts reached this server only (Redis is unreachable).",
+                messages.ERROR,
+            )
+            return
+        probed = [r for r in results if not r.skipped]
+        level = messages.SUCCESS if probed and all(r.ok for r in probed) else messages.WARNING
+        self.message_user(request, _results_message(f"Health check of “{route.name}”:", results), level)
+
+    def _lease_extend(self, request: HttpRequest, route: Route) -> None:
+        if route.ttl_s is None:
+            self.message_user(request, f"“{route.name}” has no lease (no ttl_s): nothing to extend.", messages.WARNING)
+            return
+        extended = route_lease_extend(route=route, **audit_context(request).service_kwargs())
+        until = timezone.localtime(extended.lease_expires_at) if extended.lease_expires_at else None
+        self.message_user(
+            request,
+            f"“{route.name}”: lease extended by {extended.ttl_s} s, to {until:%Y-%m-%d %H:%M:%S}."
+            + ("" if extended.is_active else " The route stays inactive (deactivated by an operator)."),
+            messages.SUCCESS,
+        )
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f} ms"
+
+
+def _results_message(title: str, results: list[ProbeResult]) -> SafeString:
+    if not results:
+        return format_html("{} the route has no targets.", title)
+    return format_html("{}<br>{}", title, format_html_join("<br>", "{}", ((r.summary(),) for r in results)))
+
+
+def _back(request: HttpRequest, object_id: str) -> HttpResponse:
+    """Back to the change page: through HTMX's redirect header from the dialog, a plain redirect otherwise."""
+    url = reverse("admin:proxy_route_change", args=(object_id,))
+    if request.headers.get("HX-Request"):
+        return HttpResponse(headers={"HX-Redirect": url})
+    return HttpResponseRedirect(url)

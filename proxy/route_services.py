@@ -1,5 +1,6 @@
 """Writes of the route registry: register (create or update by name), change, unregister, heartbeat, lease expiry,
-and the admin's activate / deactivate / drain / restore; each audited.
+and the admin's activate / deactivate / drain / restore (of a route's targets, or of one), lease extension; each
+audited.
 
 Every write runs in a transaction, locks the route's row, validates with ``route_validate`` (Django
 ``ValidationError``s keyed by field, nested values by dotted path: ``targets.1.url``, ``health_check.path``)
@@ -46,6 +47,7 @@ from proxy.route_selectors import route_colliding
 from proxy.services import FORBIDDEN_EXTRA_HEADERS, HEADER_VALUE_MASK, MAX_HEADER_VALUE_LENGTH, MAX_RETRIES_LIMIT
 
 AUDIT_OBJECT_TYPE = "proxy.route"
+TARGET_AUDIT_OBJECT_TYPE = "proxy.routetarget"
 
 # Writable fields of a route (targets apart); the API's serializers and the admin's form use the same list.
 ROUTE_FIELDS = (
@@ -940,18 +942,9 @@ def route_delete(
     _audit("delete", pk, name, changes, actor=actor, ip_address=ip_address, key=key)
 
 
-@transaction.atomic
-def route_heartbeat(
-    *, route: Route, key: KeyPolicy | None = None, actor: AbstractBaseUser | None = None, ip_address: str | None = None
-) -> Route:
-    """Renew the lease (now + ``ttl_s``); a route deactivated because its lease ran out is active again.
-
-    A route without ``ttl_s`` has no lease: ``ValidationError`` on ``ttl_s``. One an operator deactivated
-    has its lease renewed but stays inactive.
-    """
-    locked = Route.objects.select_for_update().get(pk=route.pk)
-    if key is not None:
-        _key_names(key, [locked.name])
+def _lease_extend(locked: Route) -> dict[str, Any]:
+    """Renew the lease of a locked route (one deactivated because its lease ran out is active again) and save it;
+    what changed. ``ValidationError`` on ``ttl_s`` for a route without a lease."""
     if locked.ttl_s is None:
         raise ValidationError(
             {"ttl_s": [f"Route “{locked.name}” has no ttl_s, so it has no lease to renew. Set ttl_s to lease it."]}
@@ -964,6 +957,22 @@ def route_heartbeat(
         locked.deactivated_reason = ""
         changes["is_active"] = [False, True]
     locked.save(update_fields=["lease_expires_at", "is_active", "deactivated_reason", "updated_at"])
+    return changes
+
+
+@transaction.atomic
+def route_heartbeat(
+    *, route: Route, key: KeyPolicy | None = None, actor: AbstractBaseUser | None = None, ip_address: str | None = None
+) -> Route:
+    """Renew the lease (now + ``ttl_s``); a route deactivated because its lease ran out is active again.
+
+    A route without ``ttl_s`` has no lease: ``ValidationError`` on ``ttl_s``. One an operator deactivated
+    has its lease renewed but stays inactive.
+    """
+    locked = Route.objects.select_for_update().get(pk=route.pk)
+    if key is not None:
+        _key_names(key, [locked.name])
+    changes = _lease_extend(locked)
     if "is_active" in changes:
         # Back in service: every worker must see it (and the audit trail say who brought it back).
         gateway_invalidate_on_commit()
@@ -1051,3 +1060,50 @@ def route_targets_health_set(
         key=None,
     )
     return changed
+
+
+@transaction.atomic
+def route_lease_extend(*, route: Route, actor: AbstractBaseUser | None = None, ip_address: str | None = None) -> Route:
+    """Staff renew a route's lease (now + ``ttl_s``), as a heartbeat would, always audited (``route.lease_extend``).
+
+    A route deactivated because its lease ran out is active again; one an operator deactivated stays inactive.
+    A route without ``ttl_s``: ``ValidationError`` on ``ttl_s``.
+    """
+    locked = Route.objects.select_for_update().get(pk=route.pk)
+    changes = _lease_extend(locked)
+    if "is_active" in changes:
+        gateway_invalidate_on_commit()
+    _audit("lease_extend", locked.pk, locked.name, changes, actor=actor, ip_address=ip_address, key=None)
+    return locked
+
+
+@transaction.atomic
+def route_target_health_set(
+    *, target: RouteTarget, health: str, actor: AbstractBaseUser | None = None, ip_address: str | None = None
+) -> bool:
+    """Set one target's stored health: staff drain it (no new calls) or restore it (``healthy``); audited as
+    ``route_target.drain`` / ``route_target.restore`` (``route_target.health`` for ``unhealthy``). True when it
+    changed (setting the health it already has writes and audits nothing)."""
+    if health not in RouteTarget.Health.values:
+        raise ValidationError({"health": [f"Must be one of {', '.join(RouteTarget.Health.values)}."]})
+    # The route's row first, as every route write locks it (one lock order: route, then its targets).
+    route = Route.objects.select_for_update().get(pk=target.route_id)
+    locked = RouteTarget.objects.select_for_update().get(pk=target.pk)
+    before = locked.health
+    if before == health:
+        return False
+    gateway_invalidate_on_commit()
+    locked.health = health
+    locked.save(update_fields=["health"])
+    actions: dict[str, str] = {RouteTarget.Health.DRAINED: "drain", RouteTarget.Health.HEALTHY: "restore"}
+    action = actions.get(health, "health")
+    audit_record(
+        actor=actor,
+        action=f"route_target.{action}",
+        object_type=TARGET_AUDIT_OBJECT_TYPE,
+        object_id=locked.pk,
+        object_repr=f"{route.name}: {locked.url}",
+        changes={"health": [before, health], "route": route.name, "route_id": route.pk, "url": locked.url},
+        ip_address=ip_address,
+    )
+    return True
