@@ -223,3 +223,4 @@ class AuditEventAdmin(_ReadOnlyAdmin):
 
 
 import gateway_stats.admin_live  # noqa: E402, F401 - registers the live traffic page
+import gateway_stats.admin_rollups  # noqa: E402, F401 - registers the rollup re-run page
