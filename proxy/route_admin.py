@@ -42,6 +42,7 @@ from django.utils.safestring import SafeString
 from unfold.admin import ModelAdmin, TabularInline
 from unfold.decorators import action
 from unfold.enums import ActionVariant
+from unfold.widgets import UnfoldAdminDecimalFieldWidget, UnfoldAdminIntegerFieldWidget, UnfoldAdminTextInputWidget
 
 from apiforge.audit import audit_context
 from apiforge.local_cache import CacheUnavailable
@@ -122,9 +123,82 @@ def _errors_add(form: forms.BaseForm, exc: ValidationError) -> None:
             form.add_error(target, message if target is not None or "." not in path else f"{path}: {message}")
 
 
+# The parts of a health check (``proxy.gateway_catalog.HealthCheck``): key, label, the checker's default.
+_HEALTH_PARTS = (
+    ("path", "Path (empty: no check)", None),
+    ("interval_s", "Every (s)", 10),
+    ("timeout_s", "Timeout (s)", 2),
+    ("healthy", "Healthy after (successes)", 2),
+    ("unhealthy", "Unhealthy after (failures)", 3),
+)
+
+
+class HealthCheckWidget(forms.MultiWidget):
+    """The health check's five parts as labelled inputs (instead of a JSON text area)."""
+
+    template_name = "admin/proxy/route/health_check_widget.html"
+
+    def __init__(self) -> None:
+        step = {"step": "any", "min": "0"}
+        super().__init__(
+            [
+                UnfoldAdminTextInputWidget(attrs={"placeholder": "/healthz"}),
+                UnfoldAdminDecimalFieldWidget(attrs={**step, "placeholder": "10"}),
+                UnfoldAdminDecimalFieldWidget(attrs={**step, "placeholder": "2"}),
+                UnfoldAdminIntegerFieldWidget(attrs={"min": "1", "placeholder": "2"}),
+                UnfoldAdminIntegerFieldWidget(attrs={"min": "1", "placeholder": "3"}),
+            ]
+        )
+
+    def decompress(self, value: Any) -> list[Any]:
+        if not isinstance(value, dict):
+            return [None] * len(_HEALTH_PARTS)
+        return [value.get(key) for key, _, _ in _HEALTH_PARTS]
+
+    def get_context(self, name: str, value: Any, attrs: dict[str, Any] | None) -> dict[str, Any]:
+        context = super().get_context(name, value, attrs)
+        for subwidget, (_, label, default) in zip(context["widget"]["subwidgets"], _HEALTH_PARTS, strict=True):
+            subwidget["label"] = label if default is None else f"{label}, default {default}"
+        return context
+
+
+class HealthCheckField(forms.MultiValueField):
+    """``{"path", "interval_s", "timeout_s", "healthy", "unhealthy"}`` from the widget's parts: {} when all are
+    empty, only the parts given otherwise (the checker's defaults for the rest). Checked by the service's
+    ``health_check_errors`` (through ``route_validate`` in the form's ``clean``), not here."""
+
+    widget = HealthCheckWidget
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.pop("encoder", None)
+        kwargs.pop("decoder", None)
+        kwargs.pop("max_length", None)
+        parts = (
+            forms.CharField(required=False, strip=True),
+            forms.FloatField(required=False),
+            forms.FloatField(required=False),
+            forms.IntegerField(required=False),
+            forms.IntegerField(required=False),
+        )
+        super().__init__(parts, require_all_fields=False, **{**kwargs, "required": False})
+
+    def compress(self, data_list: list[Any]) -> dict[str, Any]:
+        config: dict[str, Any] = {}
+        for (key, _, _), value in zip(_HEALTH_PARTS, data_list or [], strict=False):
+            if value in (None, ""):
+                continue
+            config[key] = int(value) if isinstance(value, float) and value.is_integer() else value
+        if config and "path" not in config:
+            config["path"] = ""  # the service then says a check needs its path
+        return config
+
+
 class RouteAdminForm(forms.ModelForm):
     methods = _ListFormField(required=False, help_text="HTTP methods, e.g. GET, POST; empty = all.")
     hosts = _ListFormField(required=False, help_text="Host names the route answers for; empty = any.")
+    health_check = HealthCheckField(
+        help_text="Each target gets GET <target><path> every interval; a 2xx or 3xx within the timeout is a success."
+    )
 
     class Meta:
         model = Route
@@ -394,9 +468,10 @@ class RouteAdmin(ModelAdmin):
             rows.append((target.url, target.health, verdict, view.state, detail or "-"))
         return format_html(
             '<div class="flex flex-wrap gap-4 mb-4">{}</div>'
-            '<table class="w-full text-sm"><thead><tr class="text-left"><th>Target</th><th>stored health</th>'
-            "<th>health check verdict</th><th>breaker</th><th>breaker detail</th></tr></thead><tbody>{}</tbody>"
-            "</table>"
+            '<table class="w-full text-sm"><thead><tr class="text-left">'
+            '<th class="px-2 py-1">Target</th><th class="px-2 py-1">stored health</th>'
+            '<th class="px-2 py-1">health check verdict</th><th class="px-2 py-1">breaker</th>'
+            '<th class="px-2 py-1">breaker detail</th></tr></thead><tbody>{}</tbody></table>'
             '<p class="text-xs mt-2">Last 24 h from the request log, by route name. “Refused” counts the calls '
             "answered 503 <code>no_healthy_upstream</code>: no target could take them (breakers open, or every "
             "target drained or unhealthy). Breaker and verdict as this server sees them.</p>",
@@ -406,7 +481,7 @@ class RouteAdmin(ModelAdmin):
                 '<div class="text-xs">{}</div><div class="font-semibold text-base">{}</div></div>',
                 cards,
             ),
-            format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", rows),
+            format_html_join("", "<tr>" + '<td class="px-2 py-1">{}</td>' * 5 + "</tr>", rows),
         )
 
     # --- writes through the services ----------------------------------------------------------------------

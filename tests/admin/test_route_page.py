@@ -368,7 +368,8 @@ def test_the_panel_shows_the_last_day_of_the_route_and_each_target_state(
     assert card("Latency p95").endswith(" ms")
     assert 35 <= float(card("Latency p50").removesuffix(" ms").replace(",", "")) <= 45
     assert 850 <= float(card("Latency p95").removesuffix(" ms").replace(",", "")) <= 950
-    assert re.search(r"<td>http://orders-1.internal:8080</td><td>healthy</td><td>unknown</td><td>open</td>", page)
+    cells = [re.sub(r"<[^>]+>", "", cell) for cell in re.findall(r'<td class="px-2 py-1">(.*?)</td>', page)]
+    assert cells[:4] == ["http://orders-1.internal:8080", "healthy", "unknown", "open"]
     assert "open for 60 s more" in page or "open for 59 s more" in page
 
 
@@ -395,3 +396,77 @@ def test_the_add_page_has_no_panel(root: User, admin_for: Callable[[User], Clien
     page: Any = admin_for(root).get("/admin/proxy/route/add/")
     assert page.status_code == 200
     assert b"traffic and targets" not in page.content
+
+
+def _add_form(**overrides: str) -> dict[str, str]:
+    form = {
+        "name": "orders",
+        "path": "/orders",
+        "version": "",
+        "methods": "",
+        "hosts": "",
+        "auth": "key",
+        "balancer": "round_robin",
+        "path_rewrite": "{}",
+        "timeout_s": "30",
+        "retries": "1",
+        "request_headers": "{}",
+        "response_headers": "{}",
+        "fallback": "{}",
+        "breaker_failure_threshold": "5",
+        "breaker_cooldown_s": "30",
+        "breaker_half_open_requests": "1",
+        "is_active": "on",
+        "targets-TOTAL_FORMS": "1",
+        "targets-INITIAL_FORMS": "0",
+        "targets-MIN_NUM_FORMS": "1",
+        "targets-MAX_NUM_FORMS": "1000",
+        "targets-0-url": "http://orders-1.internal:8080",
+        "targets-0-weight": "1",
+        "targets-0-health": "healthy",
+    }
+    form.update(overrides)
+    return form
+
+
+def _health_parts(*values: str) -> dict[str, str]:
+    return {f"health_check_{index}": value for index, value in enumerate(values)}
+
+
+def test_the_health_check_is_edited_as_its_five_parts(root: User, admin_for: Callable[[User], Client]) -> None:
+    client = admin_for(root)
+
+    answer = client.post("/admin/proxy/route/add/", _add_form(**_health_parts("/healthz", "5", "1.5", "2", "4")))
+
+    assert answer.status_code == 302, answer.content.decode()[:2000]
+    route = Route.objects.get(name="orders")
+    assert route.health_check == {"path": "/healthz", "interval_s": 5, "timeout_s": 1.5, "healthy": 2, "unhealthy": 4}
+    page = _messages(client, _change(route))
+    assert 'name="health_check_0" value="/healthz"' in page
+    assert 'name="health_check_2" value="1.5"' in page
+
+
+def test_health_check_parts_left_empty_mean_no_check_or_the_checker_defaults(
+    root: User, admin_for: Callable[[User], Client]
+) -> None:
+    client = admin_for(root)
+    client.post("/admin/proxy/route/add/", _add_form(**_health_parts("", "", "", "", "")))
+    client.post("/admin/proxy/route/add/", _add_form(name="billing", path="/billing", **_health_parts("/up")))
+
+    assert Route.objects.get(name="orders").health_check == {}
+    assert Route.objects.get(name="billing").health_check == {"path": "/up"}
+
+
+def test_bad_health_check_parts_get_the_services_messages(root: User, admin_for: Callable[[User], Client]) -> None:
+    client = admin_for(root)
+
+    bad = client.post("/admin/proxy/route/add/", _add_form(**_health_parts("healthz", "5", "0", "0", "")))
+    pathless = client.post("/admin/proxy/route/add/", _add_form(**_health_parts("", "5")))
+
+    assert bad.status_code == 200
+    page = bad.content.decode()
+    assert "path: must be a path starting with" in page
+    assert "timeout_s: must be a number of seconds greater than 0" in page
+    assert "healthy: must be a whole number from 1 to 100" in page
+    assert "path: must be a path starting with" in pathless.content.decode()
+    assert not Route.objects.exists()
