@@ -286,6 +286,11 @@ class RouteTargetInline(TabularInline):
     fields = ["url", "weight", "health", "live_health", "breaker", "control"]
     readonly_fields = ["live_health", "breaker", "control"]
 
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        fields = super().get_fields(request, obj)
+        # The drain / restore buttons only for those who may use them.
+        return fields if self.has_change_permission(request, obj) else [f for f in fields if f != "control"]
+
     @admin.display(description="live health")
     def live_health(self, obj: RouteTarget) -> str:
         return target_live_state(obj)[0] if obj.pk else "-"

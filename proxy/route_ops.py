@@ -31,6 +31,7 @@ from django.contrib.auth.base_user import AbstractBaseUser
 from django.db.models import Count, Q
 from django.utils import timezone
 
+from apiforge.local_cache import CacheUnavailable
 from gateway_stats.histogram import percentiles
 from gateway_stats.models import UsageRecord
 from gateway_stats.services import audit_record
@@ -136,8 +137,14 @@ def route_breakers_reset(
         actor,
         ip_address,
     )
+    unshared: CacheUnavailable | None = None
     for target in targets:
-        edge_breaker.breaker_reset(edge_breaker.route_target_key(target.pk))
+        try:
+            edge_breaker.breaker_reset(edge_breaker.route_target_key(target.pk))
+        except CacheUnavailable as exc:  # reset here; the others are reset here too before saying so
+            unshared = exc
+    if unshared is not None:
+        raise unshared
     return before
 
 
@@ -148,7 +155,6 @@ def _verdict_share(key: str, healthy: bool) -> int:
         return 0
     import redis
 
-    from apiforge.local_cache import CacheUnavailable
     from proxy.edge.shared_state import _names
 
     _, hash_health, channel = _names()
