@@ -249,7 +249,6 @@ def _model_form(upstream: Upstream, **overrides: Any) -> dict[str, Any]:
     form: dict[str, Any] = {
         "name": "gpt-4o",
         "is_active": "on",
-        "fallbacks": "[]",
         "input_price_per_1k": "0.0025",
         "output_price_per_1k": "0.01",
         "output_tokens_estimate": "256",
@@ -285,11 +284,14 @@ def test_adding_a_model_with_an_inline_deployment_in_the_admin(admin_client: Cli
     assert AuditEvent.objects.filter(actor=admin_user, object_type="proxy.model").count() == 2
 
 
-@pytest.mark.parametrize("fallbacks", [["gpt-4o"], ["no-such-model"], "not-a-list"])
+@pytest.mark.parametrize("fallbacks", [["gpt-4o"], ["no-such-model"], ["other", "other"]])
 def test_admin_model_form_refuses_bad_fallbacks(admin_client: Client, fallbacks: Any) -> None:
     upstream = UpstreamFactory()
+    ModelFactory(name="other")
+    ModelFactory(name="spare")
+    places = {f"fallbacks_{index}": name for index, name in enumerate(fallbacks)}  # one drop-down per place
 
-    response = admin_client.post(MODEL_ADD, _model_form(upstream, fallbacks=json.dumps(fallbacks)))
+    response = admin_client.post(MODEL_ADD, _model_form(upstream, **places))
 
     assert response.status_code == 200
     assert "fallbacks" in response.context["adminform"].form.errors
@@ -323,7 +325,7 @@ def _inline_rows(model: Model, rows: list[tuple[Upstream, str]], *, initial: int
     form: dict[str, Any] = {
         "name": model.name,
         "is_active": "on",
-        "fallbacks": json.dumps(model.fallbacks),
+        **{f"fallbacks_{index}": name for index, name in enumerate(model.fallbacks)},
         "input_price_per_1k": str(model.input_price_per_1k),
         "output_price_per_1k": str(model.output_price_per_1k),
         "output_tokens_estimate": str(model.output_tokens_estimate),
