@@ -66,6 +66,7 @@ SIDEBAR: list[tuple[str, list[tuple[str, str, str]]]] = [
             ("Dashboard", "dashboard", "page:index"),
             ("Live traffic", "monitoring", "page:live"),
             ("Request log", "receipt_long", "gateway_stats.usagerecord"),
+            ("Playground", "chat", "page:playground"),
             ("Rollups", "update", "page:rollups"),
         ],
     ),

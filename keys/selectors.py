@@ -70,6 +70,17 @@ def key_record_by_digest(*, digest: str) -> KeyRecord | None:
         valid_until = row["previous_valid_until"].timestamp()
         if valid_until <= timezone.now().timestamp():
             return None
+    return _record(row, valid_until)
+
+
+def key_record_by_id(*, key_id: int) -> KeyRecord | None:
+    """The verification record of the key ``key_id`` (as its current secret would get it), or None when there
+    is no such key: for credentials bound to a key by id (``keys.playground``)."""
+    rows = list(ApiKey.objects.filter(pk=key_id).values(*_RECORD_FIELDS)[:1])
+    return _record(rows[0], None) if rows else None
+
+
+def _record(row: dict[str, Any], valid_until: float | None) -> KeyRecord:
     refusal: KeyStateRefusal = ""
     if row["revoked_at"] is not None:
         refusal = "revoked"
@@ -99,6 +110,18 @@ def key_record_by_digest(*, digest: str) -> KeyRecord | None:
         expires_at=row["expires_at"].timestamp() if row["expires_at"] is not None else None,
         valid_until=valid_until,
         ip_allowlist=tuple(row["ip_allowlist"] or ()),
+    )
+
+
+def key_list_usable(*, actor: User) -> QuerySet[ApiKey]:
+    """The keys ``actor`` may make calls with from the admin (the Playground): of the keys they may see
+    (``key_list``), those a call would be accepted with: active, not revoked, not expired, owner active.
+    Owners are joined (their names label the keys)."""
+    return (
+        key_list(actor=actor)
+        .filter(is_active=True, revoked_at__isnull=True, owner__is_active=True)
+        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now()))
+        .select_related("owner")
     )
 
 

@@ -19,6 +19,10 @@ Unknown digests are remembered for a few seconds (in memory and in the shared
 cache) so a flood of one bad key does not reach the database; they live in their
 own cache so a flood of many bad keys cannot push good keys out.
 
+A key can also be looked up by its id (``key_verify_by_id_async``), for credentials bound to a key rather than
+carrying its secret (the admin Playground's tokens, ``keys.playground``): the same caches, under ``id:<key id>``
+next to the digests, the same coherence (the generation bump drops them too) and the same refusals.
+
 ``key_usage_touch`` only notes "used now" in memory; ``keys.services.key_usage_flush``
 writes ``last_used_at`` off the request path.
 """
@@ -55,6 +59,7 @@ __all__ = [
     "key_usage_touch",
     "key_verify",
     "key_verify_async",
+    "key_verify_by_id_async",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,6 +81,27 @@ def key_record_by_digest(*, digest: str) -> KeyRecord | None:
     if not _record_readers:
         raise RuntimeError("No key record reader registered: is the keys app installed?")
     return _record_readers[0](digest)
+
+
+# The same for a key id (``keys.selectors.key_record_by_id``), for ``key_verify_by_id_async``.
+KeyRecordByIdReader = Callable[[int], "KeyRecord | None"]
+_record_by_id_readers: list[KeyRecordByIdReader] = []
+
+
+def key_record_by_id_reader_register(reader: KeyRecordByIdReader) -> None:
+    """Make ``reader`` (key id -> record or None) what a cache miss by key id reads; a later call replaces it."""
+    _record_by_id_readers[:] = [reader]
+
+
+def key_record_by_id(*, key_id: int) -> KeyRecord | None:
+    """The record of the key ``key_id`` from the database, through the registered reader."""
+    if not _record_by_id_readers:
+        raise RuntimeError("No key record reader registered: is the keys app installed?")
+    return _record_by_id_readers[0](key_id)
+
+
+# Cache entries looked up by key id are named ``id:<key id>``; a digest is hex, so the two never meet.
+_BY_ID = "id:"
 
 
 # An allowlisted network as (IP version, network address, netmask) integers; a client address as (version, int).
@@ -260,6 +286,16 @@ class KeyVerifier:
             entry = await self._load_async(digest)
         return self._check(entry, client_ip)
 
+    async def verify_by_id_async(self, key_id: int, client_ip: str | None) -> KeyPolicy:
+        """The policy of the key ``key_id``, or ``KeyRefused``, with every check ``verify_async`` makes
+        (revoked, disabled, expired, IP allowlist). For credentials already bound to a key (playground
+        tokens), never for a presented secret."""
+        name = f"{_BY_ID}{key_id}"
+        entry = self._known.get(name) or self._unknown.get(name)
+        if entry is None:
+            entry = await self._load_async(name)
+        return self._check(entry, client_ip)
+
     @staticmethod
     def _check(entry: _Entry, client_ip: str | None) -> KeyPolicy:
         policy = entry.policy
@@ -281,7 +317,10 @@ class KeyVerifier:
         return f"{self.namespace}:{_WIRE_VERSION}:{generation}:{digest}"
 
     def _load(self, digest: str) -> _Entry:
-        """Shared cache, else database; remembers the answer at the generation seen before reading."""
+        """Shared cache, else database; remembers the answer at the generation seen before reading.
+
+        ``digest`` may also be ``id:<key id>`` (``verify_by_id_async``): then the database is read by key id.
+        """
         generation = self._known.generation
         shared_key = self._shared_key(digest, generation)
         wire: tuple[Any, ...] | int | None
@@ -291,7 +330,10 @@ class KeyVerifier:
             logger.warning("shared key cache unavailable; reading the database", exc_info=True)
             wire = None
         if wire is None:
-            record = key_record_by_digest(digest=digest)
+            if digest.startswith(_BY_ID):
+                record = key_record_by_id(key_id=int(digest.removeprefix(_BY_ID)))
+            else:
+                record = key_record_by_digest(digest=digest)
             entry = _entry_from_record(record)
             try:
                 cache.set(
@@ -353,6 +395,7 @@ _default = KeyVerifier()
 # The proxy's entry points are the default instance's bound methods: no extra call layer on the hot path.
 key_verify = _default.verify
 key_verify_async = _default.verify_async
+key_verify_by_id_async = _default.verify_by_id_async
 key_cache_invalidate = _default.invalidate
 key_cache_invalidate_on_commit = _default.invalidate_on_commit
 

@@ -1,7 +1,8 @@
 """Secret-leak check over the whole suite: no credential a test creates may reach a log line or an answer.
 
 What counts as a secret:
-- API keys (``afk-`` + 43 characters) and JWTs, recognised by shape wherever they appear;
+- API keys (``afk-`` + 43 characters), JWTs and the admin Playground's tokens (``afpg_``), recognised by shape
+  wherever they appear;
 - passwords, as ``set_password`` and ``check_password`` see them (wrong guesses included);
 - upstream API keys and extra-header values, as they are written to the encrypted fields.
 
@@ -29,6 +30,7 @@ import pytest
 
 API_KEY_SHAPE = re.compile(rb"afk-[A-Za-z0-9_-]{43}")
 JWT_SHAPE = re.compile(rb"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}")
+PLAYGROUND_TOKEN_SHAPE = re.compile(rb"afpg_[0-9]+:[0-9A-Za-z]+:[A-Za-z0-9_-]{16,}")
 # The tests' own HTTP clients log the requests the tests make (a test that puts a key in a URL on purpose, to
 # see it is not echoed, would find it there): what they log is the test's, not the application's.
 CLIENT_LOGGERS = frozenset({"httpx", "httpcore", "openai"})
@@ -54,11 +56,12 @@ class _Ledger:
             return
         with self.lock:
             self.bodies += 1
-            for token in {*API_KEY_SHAPE.findall(body), *JWT_SHAPE.findall(body)}:
+            shapes = (API_KEY_SHAPE, JWT_SHAPE, PLAYGROUND_TOKEN_SHAPE)
+            for token in {found for shape in shapes for found in shape.findall(body)}:
                 seen = self.issued.get(token, 0) + 1
                 self.issued[token] = seen
                 if seen > 1:
-                    kind = "API key" if token.startswith(b"afk-") else "JWT"
+                    kind = _kind(token)
                     self.hits.append(f"{kind} issued earlier shown again in an answer of {where}")
             for value, kind in self.credentials.items():
                 if value in body:
@@ -71,9 +74,15 @@ class _Ledger:
                 self.hits.append(f"API key in a log line of {where}")
             if JWT_SHAPE.search(text):
                 self.hits.append(f"JWT in a log line of {where}")
+            if PLAYGROUND_TOKEN_SHAPE.search(text):
+                self.hits.append(f"playground token in a log line of {where}")
             for value, kind in self.credentials.items():
                 if value in text:
                     self.hits.append(f"{kind} in a log line of {where}")
+
+
+def _kind(token: bytes) -> str:
+    return "API key" if token.startswith(b"afk-") else "playground token" if token.startswith(b"afpg_") else "JWT"
 
 
 ledger = _Ledger()
@@ -204,7 +213,8 @@ def no_secret_leaks() -> Iterator[None]:
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     tracked = len(ledger.credentials) + len(ledger.issued)
     terminalreporter.write_line(
-        f"secret-leak check: {tracked} secrets tracked ({len(ledger.issued)} API keys/JWTs issued in answers, "
+        f"secret-leak check: {tracked} secrets tracked ({len(ledger.issued)} API keys/JWTs/playground tokens issued "
+        "in answers, "
         f"{len(ledger.credentials)} passwords/upstream credentials), {ledger.bodies} answer bodies and "
         f"{ledger.log_lines} log lines searched, {len(ledger.hits)} leaks found"
     )

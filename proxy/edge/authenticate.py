@@ -1,9 +1,15 @@
-"""Authentication: the presented key, verified from the keys' caches, and what it may use."""
+"""Authentication: the presented key, verified from the keys' caches, and what it may use.
+
+A credential the normal lookup refuses as unknown may still be an admin Playground token (``keys.playground``):
+only then, so a real key's path is unchanged, is it unsigned and the key it is bound to applied, with all of
+that key's checks, as if the key itself had been presented.
+"""
 
 from __future__ import annotations
 
 from gateway_stats.usage import UsageEvent
-from keys.verification import KeyPolicy, KeyRefused, key_verify_async
+from keys.playground import PLAYGROUND_TOKEN_PREFIX, PlaygroundTokenRefused, playground_token_key_id
+from keys.verification import KeyPolicy, KeyRefused, key_verify_async, key_verify_by_id_async
 from proxy.catalog import Catalog, ModelTarget
 from proxy.edge.exchange import ProxyRequest
 from proxy.errors import ProxyError, not_found
@@ -38,14 +44,33 @@ async def authenticate(request: ProxyRequest, event: UsageEvent) -> KeyPolicy:
     try:
         policy = await key_verify_async(request.api_key, request.client_ip)
     except KeyRefused as refused:
-        status, code, message = REFUSALS.get(refused.reason, REFUSALS["unknown"])
-        if refused.reason == "unknown" and _looks_like_jwt(request.api_key):
-            message = JWT_ON_PROXY
-        raise ProxyError(status, message, code=code) from None
+        if refused.reason != "unknown" or not request.api_key.startswith(PLAYGROUND_TOKEN_PREFIX):
+            raise _refusal(refused, request.api_key) from None
+        policy = await _playground_policy(request.api_key, request.client_ip)
     event.key_id = policy.key_id
     event.key_prefix = policy.prefix
     event.user_id = policy.owner_id
     return policy
+
+
+def _refusal(refused: KeyRefused, api_key: str) -> ProxyError:
+    status, code, message = REFUSALS.get(refused.reason, REFUSALS["unknown"])
+    if refused.reason == "unknown" and _looks_like_jwt(api_key):
+        message = JWT_ON_PROXY
+    return ProxyError(status, message, code=code)
+
+
+async def _playground_policy(token: str, client_ip: str | None) -> KeyPolicy:
+    """The policy of the key a playground token is bound to: an invalid or expired token is an unknown key
+    (401, saying which), and the key is refused for what would refuse the key itself (revoked, disabled...)."""
+    try:
+        key_id = playground_token_key_id(token)
+    except PlaygroundTokenRefused as refused:
+        raise ProxyError(401, str(refused), code="invalid_api_key") from None
+    try:
+        return await key_verify_by_id_async(key_id, client_ip)
+    except KeyRefused as refused:
+        raise _refusal(refused, token) from None
 
 
 def model_target(catalog: Catalog, policy: KeyPolicy, name: str) -> ModelTarget:
