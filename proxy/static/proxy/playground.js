@@ -175,11 +175,13 @@
         var requestId = response.headers.get("x-request-id");
         if (requestId) requestLine.textContent = "Request id: " + requestId;
         if (!response.ok) {
+          // An error answer (budget, rate limit, scope, upstream failure...) carries no usage: no cost to wait for.
           showError(response.status + ": " + (await errorMessage(response)));
-        } else {
-          state.textContent = "Streaming…";
-          await readStream(response);
+          state.textContent = "";
+          return;
         }
+        state.textContent = "Streaming…";
+        await readStream(response);
         if (requestId) {
           state.textContent = "Waiting for the ledger…";
           var recorded = await recordedUsage(requestId);
