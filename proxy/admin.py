@@ -20,6 +20,7 @@ from typing import Any, cast
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.utils import unquote
 from django.core.exceptions import ValidationError
 from django.db.models import ForeignKey, Prefetch, QuerySet
 from django.forms import ModelChoiceField
@@ -147,7 +148,7 @@ def _ms(value: float | None) -> str:
 def _test_message(request: HttpRequest, result: ConnectionTest) -> None:
     if result.ok:
         messages.success(request, result.message)
-    elif result.status is not None:
+    elif result.status is not None or not result.url:  # not a 2xx, or nothing to call
         messages.warning(request, result.message)
     else:
         messages.error(request, result.message)
@@ -165,10 +166,10 @@ _RESET_DIALOG: Any = {
 @admin.register(Upstream)
 class UpstreamAdmin(UnfoldModelAdmin):
     form = UpstreamAdminForm
-    list_display = ["name", "kind", "base_url", "is_active", "has_key", "timeout_s", "max_retries", "updated_at"]
+    list_display = ["name", "kind", "is_active", "has_key", "base_url", "timeout_s", "max_retries", "updated_at"]
     list_filter = ["kind", "is_active"]
     search_fields = ["name", "base_url"]
-    readonly_fields = ["operations", "created_at", "updated_at"]
+    readonly_fields = ["created_at", "updated_at"]
     actions = ["reset_breakers", "test_connection"]
     actions_detail = ["reset_breakers_detail", "test_connection_detail"]
     fieldsets = [
@@ -178,7 +179,8 @@ class UpstreamAdmin(UnfoldModelAdmin):
         ("Circuit breaker", {"fields": ["breaker_failure_threshold", "breaker_cooldown_s"]}),
         ("History", {"fields": ["created_at", "updated_at"]}),
     ]
-    operations_fieldset = ("Last 24 hours and breakers now", {"fields": ["operations"]})
+    # The change page's panel (the last day, the deployments now), full width above the form.
+    change_form_outer_before_template = "admin/proxy/upstream/operations_card.html"
 
     # For staff who may only view: Django shows a read-only field's value, which for these is the decrypted key
     # and the header values. They see the credentials' state instead (None: not shown at all).
@@ -197,7 +199,7 @@ class UpstreamAdmin(UnfoldModelAdmin):
                 (title, {**options, "fields": [s for f in options["fields"] if (s := self.view_only_fields.get(f, f))]})
                 for title, options in fieldsets
             ]
-        return [self.operations_fieldset, *fieldsets]
+        return fieldsets
 
     @admin.display(description="API key")
     def api_key_state(self, obj: Upstream) -> str:
@@ -236,8 +238,9 @@ class UpstreamAdmin(UnfoldModelAdmin):
         def p95_24h(obj: Upstream) -> str:
             return _ms(window().of(obj.name).p95_ms)
 
+        # Right after the upstream's identity, before its settings: what an operator scans the list for.
         columns = list(super().get_list_display(request))
-        at = columns.index("updated_at") if "updated_at" in columns else len(columns)
+        at = columns.index("has_key") + 1 if "has_key" in columns else len(columns)
         return [*columns[:at], calls_24h, errors_24h, p95_24h, "breakers", *columns[at:]]
 
     @admin.display(boolean=True, description="has key", ordering="api_key_encrypted")
@@ -248,16 +251,15 @@ class UpstreamAdmin(UnfoldModelAdmin):
     def breakers(self, obj: Upstream) -> str:
         return breakers_summary(deployment.pk for deployment in obj.deployments.all())
 
-    @admin.display(description="now")
-    def operations(self, obj: Upstream) -> SafeString | str:
-        if obj.pk is None:
-            return "-"
-        # Unfold's read-only row asks for the contents more than once: the panel is read once per page (the object
-        # is this request's own).
-        cached: SafeString | None = getattr(obj, "_operations_html", None)
-        if cached is None:
-            cached = obj._operations_html = self._operations_html(obj)  # type: ignore[attr-defined]
-        return cached
+    def change_view(
+        self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        def operations() -> SafeString | None:
+            # Called by the template (once, and only when the page is drawn: not for a save that redirects).
+            upstream = self.get_object(request, unquote(object_id))
+            return None if upstream is None else self._operations_html(upstream)
+
+        return super().change_view(request, object_id, form_url, {**(extra_context or {}), "operations": operations})
 
     def _operations_html(self, obj: Upstream) -> SafeString:
         panel = upstream_panel(upstream=obj)

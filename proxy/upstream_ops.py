@@ -132,6 +132,8 @@ class ConnectionTest:
         if self.status is not None:
             verdict = "" if self.ok else " (not a 2xx)"
             return f"{self.upstream}: GET {self.url} answered {self.status}{verdict} in {self.elapsed_ms:.0f} ms."
+        if not self.url:
+            return f"{self.upstream}: not tested, {self.error}"
         return f"{self.upstream}: GET {self.url} failed: {self.error}"
 
 
@@ -293,9 +295,9 @@ def _failure_text(exc: Exception, timeout_s: float) -> str:
 
 def _probe(upstream: Upstream) -> ConnectionTest:
     if upstream.kind == Upstream.Kind.MOCK:
-        return ConnectionTest(upstream=upstream.name, url="", error="a mock upstream answers locally: nothing to test.")
+        return ConnectionTest(upstream=upstream.name, url="", error="a mock upstream answers locally.")
     if not upstream.base_url:
-        return ConnectionTest(upstream=upstream.name, url="", error="no base URL is set.")
+        return ConnectionTest(upstream=upstream.name, url="", error="it has no base URL.")
     url = _models_url(upstream.base_url)
     shown = _shown_url(url)
     api_key = upstream.api_key

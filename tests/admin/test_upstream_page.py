@@ -351,12 +351,12 @@ def test_test_connection_to_a_closed_port_is_a_clear_error_not_a_500(root_client
     assert AuditEvent.objects.get(action="upstream.test_connection").changes["status"] is None
 
 
-def test_a_mock_upstream_has_nothing_to_test(root_client):
-    upstream = upstream_make(name="local", kind="mock")
+def test_a_mock_upstream_has_nothing_to_call_and_is_not_tested(root_client):
+    mock = upstream_make(name="local", kind="mock")
 
-    answer = root_client.get(f"{CHANGELIST}{upstream.pk}/test-connection/", follow=True)
+    answer = root_client.post(CHANGELIST, {"action": "test_connection", "_selected_action": [mock.pk]}, follow=True)
 
-    assert _messages(answer) == [("error", "local: GET  failed: a mock upstream answers locally: nothing to test.")]
+    assert _messages(answer) == [("warning", "local: not tested, a mock upstream answers locally.")]
 
 
 # --- who may run them ------------------------------------------------------------------------------------
