@@ -1,17 +1,20 @@
 """Playground tokens: short-lived stand-ins for a key whose secret nobody knows any more.
 
 Keys are stored as digests only, so the admin's Playground cannot send a key's secret. Instead it asks the
-server for a token bound to the key's id (``playground_token_mint``): ``afpg_`` plus the id and a timestamp
-signed with ``SECRET_KEY`` under a salt of its own (Django's ``TimestampSigner``), valid for
-``PLAYGROUND_TOKEN_MAX_AGE_S`` (5 minutes unless set). The proxy tries such a token only after the normal
-lookup has refused the credential (``proxy.edge.authenticate``), and then applies the key it is bound to with
-all of that key's checks (``keys.verification.key_verify_by_id_async``): a revoked or disabled key's token is
-refused like the key.
+server for a token bound to the key's id (``playground_token_mint``): ``afpg_`` plus the id, a random nonce (no
+two tokens alike, even for one key within a second) and a timestamp, signed with ``SECRET_KEY`` under a salt of
+its own (Django's ``TimestampSigner``), valid for ``PLAYGROUND_TOKEN_MAX_AGE_S`` (5 minutes unless set).
+
+The proxy tries such a token only after the normal lookup has refused the credential
+(``proxy.edge.authenticate``), then applies the key it is bound to with all of that key's checks
+(``keys.verification.key_verify_by_id_async``): a revoked or disabled key's token is refused like the key.
 
 No ORM here: the proxy's hot path imports this module.
 """
 
 from __future__ import annotations
+
+import secrets
 
 from django.conf import settings
 from django.core import signing
@@ -19,7 +22,8 @@ from django.core import signing
 PLAYGROUND_TOKEN_PREFIX = "afpg_"  # noqa: S105 - a marker, not a secret
 PLAYGROUND_TOKEN_MAX_AGE_S = 300
 PLAYGROUND_TOKEN_SALT = "apiforge.keys.playground-token.v1"  # noqa: S105 - a salt, not a secret
-# An id, a base62 timestamp, a signature and two separators fit well within this; longer is not ours.
+_NONCE_BYTES = 6
+# An id, a nonce, a base62 timestamp, a signature and their separators fit well within this; longer is not ours.
 _MAX_LENGTH = 128
 
 
@@ -49,7 +53,7 @@ def playground_token_max_age() -> int:
 
 def playground_token_mint(key_id: int) -> str:
     """A new token for the key ``key_id``. The caller checks that the user may use that key."""
-    return PLAYGROUND_TOKEN_PREFIX + _signer().sign(str(key_id))
+    return PLAYGROUND_TOKEN_PREFIX + _signer().sign(f"{key_id}.{secrets.token_urlsafe(_NONCE_BYTES)}")
 
 
 def playground_token_key_id(token: str) -> int:
@@ -62,6 +66,7 @@ def playground_token_key_id(token: str) -> int:
         raise PlaygroundTokenRefused(expired=True) from None
     except (signing.BadSignature, ValueError):
         raise PlaygroundTokenRefused(expired=False) from None
-    if not value.isdigit():
+    key_id = value.partition(".")[0]
+    if not key_id.isdigit():
         raise PlaygroundTokenRefused(expired=False)
-    return int(value)
+    return int(key_id)

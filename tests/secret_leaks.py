@@ -30,7 +30,7 @@ import pytest
 
 API_KEY_SHAPE = re.compile(rb"afk-[A-Za-z0-9_-]{43}")
 JWT_SHAPE = re.compile(rb"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}")
-PLAYGROUND_TOKEN_SHAPE = re.compile(rb"afpg_[0-9]+:[0-9A-Za-z]+:[A-Za-z0-9_-]{16,}")
+PLAYGROUND_TOKEN_SHAPE = re.compile(rb"afpg_[0-9]+\.[A-Za-z0-9_-]+:[0-9A-Za-z]+:[A-Za-z0-9_-]{16,}")
 # The tests' own HTTP clients log the requests the tests make (a test that puts a key in a URL on purpose, to
 # see it is not echoed, would find it there): what they log is the test's, not the application's.
 CLIENT_LOGGERS = frozenset({"httpx", "httpcore", "openai"})

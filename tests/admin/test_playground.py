@@ -184,6 +184,9 @@ def test_a_token_is_issued_for_a_usable_key_and_audited_without_the_token(
     stored = json.dumps([event.changes, event.object_repr])
     assert body["token"] not in stored
     assert body["token"].removeprefix(PLAYGROUND_TOKEN_PREFIX) not in stored
+    again = _token(admin_for(root), key.pk)
+    assert again != body["token"], "each token is new, even for the same key within a second"
+    assert AuditEvent.objects.filter(action="key.playground").count() == 2
 
 
 @pytest.mark.django_db
@@ -310,13 +313,13 @@ class _SignedLongAgo(signing.TimestampSigner):
 
 def test_an_expired_or_tampered_token_is_an_invalid_key_saying_so(gateway: LiveServer) -> None:
     key = ApiKeyFactory()
-    expired = PLAYGROUND_TOKEN_PREFIX + _SignedLongAgo(salt=PLAYGROUND_TOKEN_SALT).sign(str(key.pk))
+    expired = PLAYGROUND_TOKEN_PREFIX + _SignedLongAgo(salt=PLAYGROUND_TOKEN_SALT).sign(f"{key.pk}.nonce")
     good = _token(_logged_in(UserFactory(superuser=True)), key.pk)
     other_key = ApiKeyFactory()
     value, stamp, signature = good.removeprefix(PLAYGROUND_TOKEN_PREFIX).split(":")
-    tampered = f"{PLAYGROUND_TOKEN_PREFIX}{other_key.pk}:{stamp}:{signature}"
+    tampered = f"{PLAYGROUND_TOKEN_PREFIX}{other_key.pk}.{value.partition('.')[2]}:{stamp}:{signature}"
     forged = PLAYGROUND_TOKEN_PREFIX + signing.TimestampSigner(key="not the server's", salt=PLAYGROUND_TOKEN_SALT).sign(
-        str(key.pk)
+        f"{key.pk}.nonce"
     )
 
     status, code, message = _error(_chat(gateway, expired))
