@@ -161,6 +161,14 @@ _RESET_DIALOG: Any = {
     "form_class": BaseDialogForm,
     "form_submit_text": "Reset",
 }
+# A POST too (it calls out and writes an audit event): never run by following a link.
+_TEST_DIALOG: Any = {
+    "title": "Test the connection",
+    "description": "Call GET {base URL}/models with this upstream's API key, as the proxy sends it (the "
+    "upstream's timeout, at most 10 s), and show the answer's status and time.",
+    "form_class": BaseDialogForm,
+    "form_submit_text": "Test",
+}
 
 
 @admin.register(Upstream)
@@ -300,13 +308,8 @@ class UpstreamAdmin(UnfoldModelAdmin):
 
     # --- operator actions: on selected upstreams, and as the change page's buttons ----------------------------
     def _reset(self, request: HttpRequest, upstream: Upstream) -> None:
-        was_open = upstream_breakers_reset(upstream=upstream, **audit_context(request).service_kwargs())
-        count = upstream.deployments.count()
-        self.message_user(
-            request,
-            f"{upstream.name}: {count} breaker(s) reset; {was_open} of them were open or half-open.",
-            messages.SUCCESS,
-        )
+        reset = upstream_breakers_reset(upstream=upstream, **audit_context(request).service_kwargs())
+        self.message_user(request, f"{upstream.name}: {reset.message}", messages.SUCCESS)
 
     def _test(self, request: HttpRequest, upstream: Upstream) -> None:
         _test_message(request, upstream_connection_test(upstream=upstream, **audit_context(request).service_kwargs()))
@@ -347,8 +350,14 @@ class UpstreamAdmin(UnfoldModelAdmin):
         self._reset(request, upstream)
         return self._back(request, object_id)
 
-    @action(description="Test connection", url_path="test-connection", permissions=["change"], icon="network_check")
-    def test_connection_detail(self, request: HttpRequest, object_id: str) -> HttpResponse:
+    @action(
+        description="Test connection",
+        url_path="test-connection",
+        permissions=["change"],
+        icon="network_check",
+        dialog=_TEST_DIALOG,
+    )
+    def test_connection_detail(self, request: HttpRequest, form: BaseDialogForm, object_id: str) -> HttpResponse:
         upstream = self._upstream(request, object_id)
         if upstream is None:
             return HttpResponseRedirect(reverse("admin:proxy_upstream_changelist"))

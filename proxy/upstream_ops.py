@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 WINDOW = timedelta(hours=24)
 # The error code of a call the proxy refused because every deployment's breaker (and its fallbacks') was open.
 BREAKER_OPEN_CODE = "no_healthy_upstream"
+# As proxy.services names an upstream in the audit trail.
+AUDIT_OBJECT_TYPE = "proxy.upstream"
 # A connection test never waits longer than this, whatever the upstream's own timeout.
 TEST_TIMEOUT_CAP_S = 10.0
 
@@ -237,9 +239,23 @@ def breakers_summary(deployment_ids: Iterable[int]) -> str:
 # --- services --------------------------------------------------------------------------------------------
 
 
-def upstream_breakers_reset(*, upstream: Upstream, actor: AbstractBaseUser | None, ip_address: str | None) -> int:
+@dataclass(frozen=True, slots=True)
+class BreakersReset:
+    """A reset's outcome: how many deployments' breakers were reset, and how many were not closed before."""
+
+    deployments: int
+    not_closed: int
+
+    @property
+    def message(self) -> str:
+        return f"{self.deployments} breaker(s) reset, {self.not_closed} of them open or half-open before."
+
+
+def upstream_breakers_reset(
+    *, upstream: Upstream, actor: AbstractBaseUser | None, ip_address: str | None
+) -> BreakersReset:
     """Close the breaker (and forget the health verdict) of every deployment of ``upstream``, on every worker
-    (``breaker_reset``); how many were not closed before (open or half-open). Audited."""
+    (``breaker_reset``). Audited, with the keys that were open or half-open."""
     keys = [deployment_key(pk) for pk in Deployment.objects.filter(upstream=upstream).values_list("pk", flat=True)]
     not_closed = [key for key in keys if breaker_view(key).state != "closed"]
     for key in keys:
@@ -247,13 +263,13 @@ def upstream_breakers_reset(*, upstream: Upstream, actor: AbstractBaseUser | Non
     audit_record(
         actor=actor,
         action="upstream.breaker_reset",
-        object_type="upstream",
+        object_type=AUDIT_OBJECT_TYPE,
         object_id=upstream.pk,
         object_repr=str(upstream),
         changes={"deployments": len(keys), "not_closed": not_closed},
         ip_address=ip_address,
     )
-    return len(not_closed)
+    return BreakersReset(deployments=len(keys), not_closed=len(not_closed))
 
 
 def _models_url(base_url: str) -> str:
@@ -327,7 +343,7 @@ def upstream_connection_test(
     audit_record(
         actor=actor,
         action="upstream.test_connection",
-        object_type="upstream",
+        object_type=AUDIT_OBJECT_TYPE,
         object_id=upstream.pk,
         object_repr=str(upstream),
         changes={

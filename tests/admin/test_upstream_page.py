@@ -251,10 +251,11 @@ def test_reset_on_selected_upstreams_closes_their_open_breakers_and_is_audited(r
 
     assert answer.status_code == 200
     assert [breaker_view(deployment_key(d.pk)).state for d in deployments] == ["closed", "closed"]
-    assert ("success", "openai-a: 2 breaker(s) reset; 1 of them were open or half-open.") in _messages(answer)
+    assert ("success", "openai-a: 2 breaker(s) reset, 1 of them open or half-open before.") in _messages(answer)
     event = AuditEvent.objects.get(action="upstream.breaker_reset")
-    assert (event.actor, event.object_id, event.changes["not_closed"]) == (
+    assert (event.actor, event.object_type, event.object_id, event.changes["not_closed"]) == (
         root,
+        "proxy.upstream",
         str(upstream.pk),
         [deployment_key(deployments[0].pk)],
     )
@@ -305,7 +306,11 @@ def test_test_connection_shows_the_status_and_time_of_the_upstreams_models_answe
     url = f"{CHANGELIST}{upstream.pk}/test-connection/"
     assert any(values.get("href") == url for values in _links(root_client, _change(upstream)))
 
-    answer = root_client.get(url, follow=True)
+    asked = root_client.get(url)  # the confirmation dialog: nothing is called by a GET
+    assert "Test the connection" in asked.content.decode()
+    assert fake.requests_to("/v1/models") == []
+
+    answer = root_client.post(url, {"_form_submitted": "on"}, follow=True)
 
     assert answer.status_code == 200
     [(level, text)] = _messages(answer)
@@ -341,7 +346,7 @@ def _closed_port() -> int:
 def test_test_connection_to_a_closed_port_is_a_clear_error_not_a_500(root_client):
     upstream = upstream_make(name="down", base_url=f"http://127.0.0.1:{_closed_port()}/v1", api_key=UPSTREAM_KEY)
 
-    answer = root_client.get(f"{CHANGELIST}{upstream.pk}/test-connection/", follow=True)
+    answer = root_client.post(f"{CHANGELIST}{upstream.pk}/test-connection/", {"_form_submitted": "on"}, follow=True)
 
     assert answer.status_code == 200
     [(level, text)] = _messages(answer)
@@ -370,7 +375,7 @@ def test_a_non_staff_user_can_run_neither_action(admin_for, upstream, fake):
 
     answers = [
         client.post(f"{CHANGELIST}{upstream.pk}/reset-breakers/", {"_form_submitted": "on"}),
-        client.get(f"{CHANGELIST}{probe.pk}/test-connection/"),
+        client.post(f"{CHANGELIST}{probe.pk}/test-connection/", {"_form_submitted": "on"}),
         client.post(CHANGELIST, {"action": "reset_breakers", "_selected_action": [upstream.pk]}),
     ]
 
