@@ -187,8 +187,8 @@ def upstream_panel(*, upstream: Upstream, now: datetime | None = None) -> Upstre
         {
             row["model"]: row
             for row in UsageRecord.objects.filter(
-                started_at__gte=now - WINDOW,
-                started_at__lt=now,
+                started_at__gte=window.start,  # the same whole hours as the usage numbers
+                started_at__lt=window.end,
                 error_code=BREAKER_OPEN_CODE,
                 model__in={d.model.name for d in deployments},
             )

@@ -22,7 +22,8 @@ from django.test.utils import CaptureQueriesContext
 
 from accounts.models import User
 from gateway_stats.ledger import ledger_write, usage_row
-from gateway_stats.models import AuditEvent
+from gateway_stats.models import AuditEvent, UsageRollup
+from gateway_stats.rollups import usage_rollup
 from gateway_stats.usage import UsageEvent
 from proxy.edge.breaker import BreakerPolicy, breaker_failure, breaker_view, deployment_key
 from proxy.models import Deployment, Model, Upstream
@@ -202,7 +203,9 @@ def test_the_changelist_shows_calls_errors_and_breakers_per_upstream(root_client
     model_make("gpt-b", upstream)
     quiet = upstream_make(name="quiet", base_url="http://127.0.0.1:9/v1")
     model_make("gpt-q", quiet)
-    _calls(3, upstream="openai-a")
+    _calls(3, upstream="openai-a", ago=timedelta(hours=3))
+    usage_rollup()  # those from the rollups, the next from the raw tail, as in production
+    assert UsageRollup.objects.filter(upstream="openai-a").exists()
     _calls(1, upstream="openai-a", status=500)
     _trip(deployment)
 
