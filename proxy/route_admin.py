@@ -367,7 +367,6 @@ class RouteAdmin(ModelAdmin):
         "lease_expires_at",
         "deactivated_reason",
         "registered_by_key_id",
-        "target_state",
         "created_at",
         "updated_at",
     ]
@@ -399,7 +398,6 @@ class RouteAdmin(ModelAdmin):
                     "breaker_cooldown_s",
                     "breaker_half_open_requests",
                     "fallback",
-                    "target_state",
                 ]
             },
         ),
@@ -432,17 +430,6 @@ class RouteAdmin(ModelAdmin):
     @admin.display(description="lease", ordering="lease_expires_at")
     def lease(self, obj: Route) -> str:
         return _lease_state(obj)
-
-    @admin.display(description="targets now")
-    def target_state(self, obj: Route) -> str:
-        if obj.pk is None:
-            return "-"
-        rows = [(t.url, t.weight, t.health, *target_live_state(t)) for t in obj.targets.order_by("pk")]
-        return format_html(
-            "<table><thead><tr><th>URL</th><th>weight</th><th>stored health</th><th>live health</th>"
-            "<th>breaker</th></tr></thead><tbody>{}</tbody></table>",
-            format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", rows),
-        )
 
     @admin.display(description="traffic and targets")
     def operations_panel(self, obj: Route) -> str:
