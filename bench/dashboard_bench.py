@@ -158,7 +158,10 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
         print("the ledger already holds these rows: reusing it (--reseed to start over)")
         return {"reused": True, "rollup_rows": UsageRollup.objects.count()}
     with connection.cursor() as cursor:
-        cursor.execute("TRUNCATE gateway_stats_usagerecord, gateway_stats_usagerollup, gateway_stats_usagerollupstate")
+        cursor.execute(
+            "TRUNCATE gateway_stats_usagerecord, gateway_stats_usagerollup, gateway_stats_usagerollupstate,"
+            " gateway_stats_usagelatencyrollup"
+        )
     now = time.time()
     span = args.days * 86400.0
     print(f"seeding {args.rows:,} ledger rows over the last {args.days:g} days ...", flush=True)

@@ -152,6 +152,28 @@ class UsageRollup(models.Model):
         return f"{self.granularity} {self.bucket:%Y-%m-%d %H:%M} {self.model or '-'} {self.requests}"
 
 
+class UsageLatencyRollup(models.Model):
+    """The latency histogram of every call of a minute, hour or day, whatever its key, user, model, upstream
+    or route: the ``UsageRollup.latency`` of the bucket's rows added up (one row per bucket that has rollups).
+
+    Written by ``gateway_stats.rollups`` with the rollups it totals (same ranges, same transactions), read by
+    ``gateway_stats.stats`` for unfiltered statistics, so a month's percentiles add a few dozen histograms
+    instead of the thousands of per-dimension ones.
+    """
+
+    granularity = models.CharField(max_length=6, choices=UsageRollup.Granularity.choices)
+    bucket = models.DateTimeField(help_text="Start of the bucket (UTC).")
+    latency = models.JSONField(default=dict, blank=True, help_text="{histogram bucket index: count}.")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["granularity", "bucket"], name="latency_rollup_bucket_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.granularity} {self.bucket:%Y-%m-%d %H:%M} latency"
+
+
 class UsageRollupState(models.Model):
     """How far the rollups have read the ledger: every rollup counts exactly the ledger rows of its bucket
     whose ``ingested_at`` is before ``watermark``; the statistics add the rows from ``watermark`` on."""

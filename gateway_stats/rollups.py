@@ -2,7 +2,9 @@
 
 Every rollup bucket is recomputed whole, never incremented: minutes from the ledger's raw rows, hours
 from their minutes, days from their hours (histograms merged by adding counts). Replacing a bucket is a
-delete and an insert in one transaction, so running a rollup twice gives the same numbers.
+delete and an insert in one transaction, so running a rollup twice gives the same numbers. The same
+transaction replaces the range's latency totals (``UsageLatencyRollup``: per bucket, the histograms of all
+its rows added up, whatever the key, user, model, upstream or route), which unfiltered statistics read.
 
 **The watermark.** ``UsageRollupState.watermark`` is an ``ingested_at`` instant: every rollup bucket
 counts exactly the ledger rows of its time range whose ``ingested_at`` is before the watermark. A run
@@ -43,7 +45,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from gateway_stats.histogram import histogram_merge
-from gateway_stats.models import UsageRecord, UsageRollup, UsageRollupState
+from gateway_stats.models import UsageLatencyRollup, UsageRecord, UsageRollup, UsageRollupState
 
 __all__ = [
     "RetentionResult",
@@ -105,6 +107,8 @@ class RetentionResult:
     minute_rollups_deleted: int
     rollups_deleted: int
     complete: bool
+    # Rows of UsageLatencyRollup (minutes, hours and days), deleted with the rollups they total.
+    latency_totals_deleted: int = 0
 
 
 # --- buckets ---------------------------------------------------------------------------------------------
@@ -257,9 +261,28 @@ def _merged_from(source: str, target: str, start: datetime, end: datetime) -> li
     return list(rows.values())
 
 
+def _latency_totals(granularity: str, rows: Sequence[UsageRollup]) -> list[UsageLatencyRollup]:
+    """One ``UsageLatencyRollup`` per bucket of ``rows``: their histograms added up, whatever the dimensions."""
+    histograms: dict[datetime, list[dict[str, int]]] = {}
+    for row in rows:
+        histograms.setdefault(row.bucket, []).append(row.latency)
+    return [
+        UsageLatencyRollup(
+            granularity=granularity,
+            bucket=bucket,
+            latency={str(index): count for index, count in sorted(histogram_merge(parts).items())},
+        )
+        for bucket, parts in sorted(histograms.items())
+    ]
+
+
 def _replace(granularity: str, start: datetime, end: datetime, rows: Sequence[UsageRollup]) -> None:
+    """Replace the ``granularity`` rollups of ``[start, end)`` by ``rows``, and the range's latency totals
+    by theirs (callers hold a transaction: both change together)."""
     UsageRollup.objects.filter(granularity=granularity, bucket__gte=start, bucket__lt=end).delete()
     UsageRollup.objects.bulk_create(rows, batch_size=_INSERT_BATCH)
+    UsageLatencyRollup.objects.filter(granularity=granularity, bucket__gte=start, bucket__lt=end).delete()
+    UsageLatencyRollup.objects.bulk_create(_latency_totals(granularity, rows), batch_size=_INSERT_BATCH)
 
 
 def _rebuild(minutes: Sequence[Range], watermark: datetime) -> tuple[int, int, int]:
@@ -361,8 +384,8 @@ def _delete_batches(queryset: QuerySet[Any], deadline: float) -> tuple[int, bool
 
 def usage_retention(*, now: datetime | None = None, budget_s: float = RETENTION_BUDGET_S) -> RetentionResult:
     """Delete raw rows (and minute rollups) past ``USAGE_RAW_RETENTION_DAYS``, hour and day rollups past
-    ``USAGE_ROLLUP_RETENTION_DAYS`` (whole UTC days are kept), in batches; a run that runs out of time
-    says so (``complete=False``) and the next one carries on."""
+    ``USAGE_ROLLUP_RETENTION_DAYS`` (whole UTC days are kept), and the latency totals of the same buckets, in
+    batches; a run that runs out of time says so (``complete=False``) and the next one carries on."""
     now = now or timezone.now()
     deadline = time.monotonic() + budget_s
     raw_days: int = settings.USAGE_RAW_RETENTION_DAYS
@@ -376,7 +399,10 @@ def usage_retention(*, now: datetime | None = None, budget_s: float = RETENTION_
     longer, longer_done = _delete_batches(
         UsageRollup.objects.filter(granularity__in=[HOUR, DAY], bucket__lt=rollup_cutoff), deadline
     )
-    result = RetentionResult(raw, minutes, longer, raw_done and minutes_done and longer_done)
+    old_totals = Q(granularity=MINUTE, bucket__lt=raw_cutoff) | Q(granularity__in=[HOUR, DAY], bucket__lt=rollup_cutoff)
+    totals, totals_done = _delete_batches(UsageLatencyRollup.objects.filter(old_totals), deadline)
+    done = raw_done and minutes_done and longer_done and totals_done
+    result = RetentionResult(raw, minutes, longer, done, latency_totals_deleted=totals)
     logger.info("usage retention: %s", result)
     return result
 

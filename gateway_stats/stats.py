@@ -6,6 +6,8 @@ range plus the raw rows of the range ingested from the watermark on (the tail): 
 exactly once, from the moment it is in the ledger, whether or not a rollup has run since. Histograms of
 both are merged by adding counts, so percentiles are those of the calls themselves. Both are read in one
 snapshot on PostgreSQL (``REPEATABLE READ``), so a rollup committing in between cannot count a call twice.
+Unfiltered histograms (everyone's calls, per bucket or in all) come from the rollups' latency totals
+(``UsageLatencyRollup``, one row per bucket) rather than from the per-dimension rollup rows.
 
 Ranges are whole buckets: a series' ``start`` is rounded down and its ``end`` up to its interval; a
 summary's to the minute, then read as whole days, hours and minutes (the fewest rollup rows; minute
@@ -29,7 +31,7 @@ from django.db.models import Count, F, Max, Q, QuerySet, Sum, Window
 from django.db.models.functions import RowNumber, Trunc
 
 from gateway_stats.histogram import percentiles
-from gateway_stats.models import UsageRecord, UsageRollup
+from gateway_stats.models import UsageLatencyRollup, UsageRecord, UsageRollup
 from gateway_stats.rollups import DAY, HOUR, MINUTE, bucket_ceil, bucket_floor, usage_watermark
 
 INTERVALS = (MINUTE, HOUR, DAY)
@@ -100,6 +102,10 @@ class UsageFilter:
         if self.model is not None:
             q &= Q(model=self.model)
         return q
+
+    def is_everything(self) -> bool:
+        """Whether the filter lets every call through (staff, no key, user or model asked)."""
+        return not self.q()
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,8 +244,9 @@ def _collect(
     for granularity, low, high in pieces:
         pieces_q |= Q(granularity=granularity, bucket__gte=low, bucket__lt=high)
     rollups: QuerySet[Any] = UsageRollup.objects.none()
+    rollup_histograms: QuerySet[Any] = rollups
     if watermark is not None and pieces:
-        rollups = UsageRollup.objects.filter(pieces_q, flt.q()).order_by()
+        rollups = rollup_histograms = UsageRollup.objects.filter(pieces_q, flt.q()).order_by()
     tail: QuerySet[Any] = UsageRecord.objects.filter(flt.q(), started_at__gte=start, started_at__lt=end).order_by()
     if watermark is not None:
         tail = tail.filter(ingested_at__gte=watermark)
@@ -249,6 +256,10 @@ def _collect(
         rollup_keys = tuple("bucket" if name == "b" else name for name in keys)
         rollup_histogram_keys = tuple("bucket" if name == "b" else name for name in histogram_keys)
         tail = tail.annotate(b=Trunc("started_at", interval, tzinfo=UTC))
+    if watermark is not None and pieces and flt.is_everything() and set(rollup_histogram_keys) <= {"bucket"}:
+        # Every call's histogram per bucket or in all: the latency totals hold it, one row per bucket (the
+        # same counts as the bucket's rollup rows added up, which are hundreds a day).
+        rollup_histograms = UsageLatencyRollup.objects.filter(pieces_q).order_by()
     result: dict[tuple[Any, ...], UsageNumbers] = {}
 
     def entry(key: tuple[Any, ...]) -> UsageNumbers:
@@ -261,7 +272,7 @@ def _collect(
         entry(tuple(item[name] for name in rollup_keys)).add(_numbers(item))
     for item in tail.values(*keys).annotate(**_raw_sums()):
         entry(tuple(item[name] for name in keys)).add(_numbers(item))
-    for values in _rollup_histograms(rollups, rollup_histogram_keys):
+    for values in _rollup_histograms(rollup_histograms, rollup_histogram_keys):
         entry(("latency", *values[:-2])).histogram_add([(values[-2], values[-1])])
     for values in tail.values_list(*histogram_keys, "latency_bucket").annotate(count=Count("id")):
         entry(("latency", *values[:-2])).histogram_add([(values[-2], values[-1])])
