@@ -330,6 +330,7 @@ UNFOLD = {
     "SHOW_HISTORY": True,
     "SHOW_VIEW_ON_SITE": True,
     "DASHBOARD_CALLBACK": "apiforge.dashboard.dashboard_callback",
+    "SCRIPTS": ["apiforge.admin_site.chart_script"],  # rounds the charts' y-axis ticks (float noise)
     "SIDEBAR": {
         "show_search": True,
         "show_all_applications": False,

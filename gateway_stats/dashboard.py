@@ -90,7 +90,7 @@ class TopKey:
 
     @property
     def cost_text(self) -> str:
-        return _money(self.cost)
+        return money_text(self.cost)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +177,7 @@ def _card(
     )
 
 
-def _money(value: Decimal) -> str:
+def money_text(value: Decimal) -> str:
     """A cost readable at a glance: four decimals, more for a small but nonzero cost (never "0.0000")."""
     return f"{value:,.4f}" if value == 0 or value >= Decimal("0.01") else f"{value:.6f}".rstrip("0")
 
@@ -214,7 +214,7 @@ def _cards(current: UsageNumbers, previous: UsageNumbers, period: Period) -> lis
             period,
             up_is_bad=None,
         ),
-        _card("cost", "Cost", (current.cost, previous.cost), _money(current.cost), period, up_is_bad=None),
+        _card("cost", "Cost", (current.cost, previous.cost), money_text(current.cost), period, up_is_bad=None),
         _card("latency_p95", "Latency p95", (p95, _p95(previous)), _ms(p95), period, up_is_bad=True),
     ]
 

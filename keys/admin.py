@@ -29,7 +29,7 @@ from unfold.decorators import display
 from unfold.widgets import UnfoldAdminSelect2MultipleWidget
 
 from apiforge.audit import audit_context
-from gateway_stats.dashboard import key_usage_charts
+from gateway_stats.dashboard import key_usage_charts, money_text
 from gateway_stats.models import UsageRecord
 from keys.models import ApiKey
 from keys.scopes import SCOPE_FIELDS, scope_errors, scope_names_known
@@ -225,16 +225,16 @@ class ApiKeyAdmin(ModelAdmin):
     @admin.display(description="spent this period")
     def budget_spent(self, obj: ApiKey) -> str:
         spent = self._spent(obj)
-        return f"{spent.tokens} tokens, {spent.cost:f} cost"
+        return f"{spent.tokens:,} tokens, {money_text(spent.cost)} cost"
 
     @admin.display(description="remaining this period")
     def budget_remaining(self, obj: ApiKey) -> str:
         spent = self._spent(obj)
         parts = []
         if spent.remaining_tokens is not None:
-            parts.append(f"{spent.remaining_tokens} tokens")
+            parts.append(f"{spent.remaining_tokens:,} tokens")
         if spent.remaining_cost is not None:
-            parts.append(f"{spent.remaining_cost:f} cost")
+            parts.append(f"{money_text(spent.remaining_cost)} cost")
         return ", ".join(parts) if parts else "- (no budget)"
 
     @admin.display(description="budget resets at")

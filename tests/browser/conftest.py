@@ -106,12 +106,17 @@ def page(browser: Browser, site: LiveServer, request: pytest.FixtureRequest) -> 
     context.set_default_timeout(WAIT_MS)
     page = context.new_page()
     errors: list[str] = []
+    missing: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on(
+        "response", lambda r: missing.append(f"{r.status} {r.url}") if r.status >= 400 and "/static/" in r.url else None
+    )
     try:
         yield page
     finally:
         context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+    assert not missing, f"static files not served: {missing}"
 
 
 def login(page: Page, user: User, password: str) -> None:

@@ -108,3 +108,27 @@ def test_calls_appear_on_the_live_page_as_they_are_served(
     expect(rows.first).to_contain_text("200")
     expect(page.locator("#live-empty")).to_be_hidden()
     screenshot(page, "live")
+
+
+def test_a_tiny_cost_axis_reads_as_round_numbers(
+    page: Page, site: LiveServer, fake_upstream: Any, staff_login: tuple[User, str]
+) -> None:
+    upstream = upstream_make(name="cheap-upstream", base_url=fake_upstream.base_url, max_retries=0)
+    model_make("gpt-cheap", upstream, input_price="0.0007", output_price="0.0008")
+    key = key_make(name="cheap-key")
+    client = openai.OpenAI(base_url=site.url("/v1"), api_key=key.secret, max_retries=0, timeout=10)
+    for _ in range(3):
+        assert client.chat.completions.create(model="gpt-cheap", messages=MESSAGES).choices
+    ledger_rows(3)
+    login(page, *staff_login)
+
+    page.goto(f"/admin/keys/apikey/{key.pk}/change/")
+    # Every y tick of the cost chart short (e.g. 0.000005, not 0.0000049999999999999996), within the wait.
+    page.wait_for_function(
+        """() => { if (typeof Chart === "undefined") return false;
+                   const chart = Chart.getChart(document.querySelector("canvas#chart-key-cost"));
+                   if (!chart) return false;
+                   const labels = chart.scales.y.ticks.map(tick => String(tick.label));
+                   return labels.length > 2 && labels.every(label => label.length <= 10); }"""
+    )
+    screenshot(page, "key-page-usage")
