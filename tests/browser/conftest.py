@@ -107,7 +107,14 @@ def page(browser: Browser, site: LiveServer, request: pytest.FixtureRequest) -> 
     page = context.new_page()
     errors: list[str] = []
     missing: list[str] = []
+    foreign: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on(
+        "request",
+        lambda r: (
+            None if r.url.startswith((site.base_url, "ws://127.0.0.1", "data:", "blob:")) else foreign.append(r.url)
+        ),
+    )
     page.on(
         "response", lambda r: missing.append(f"{r.status} {r.url}") if r.status >= 400 and "/static/" in r.url else None
     )
@@ -117,6 +124,7 @@ def page(browser: Browser, site: LiveServer, request: pytest.FixtureRequest) -> 
         context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
     assert not missing, f"static files not served: {missing}"
+    assert not foreign, f"requests outside the platform (a CDN?): {foreign}"
 
 
 def login(page: Page, user: User, password: str) -> None:
