@@ -33,6 +33,7 @@ async def _usage_emitter_stop() -> None:
 class GatewayStatsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
     name = "gateway_stats"
+    verbose_name = "Traffic and audit"  # the admin\'s breadcrumbs and app index
 
     def ready(self) -> None:
         from django.conf import settings

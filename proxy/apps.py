@@ -4,6 +4,7 @@ from django.apps import AppConfig
 class ProxyConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
     name = "proxy"
+    verbose_name = "Upstreams, models and routes"  # the admin\'s breadcrumbs and app index
 
     def ready(self) -> None:
         from apiforge.lifespan import AppHooks, lifespan_hooks_register
