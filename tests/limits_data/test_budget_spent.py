@@ -284,8 +284,8 @@ def test_the_key_admin_shows_the_budget_state_read_only(admin_client_: Client) -
     for field in ("budget_spent", "budget_remaining", "budget_resets_at"):
         assert field not in form.fields  # shown, not editable
     html = page.content.decode()
-    assert "250 tokens, 1.2500000000 cost" in html
-    assert "750 tokens, 1.7500000000 cost" in html
+    assert "250 tokens, 1.2500 cost" in html
+    assert "750 tokens, 1.7500 cost" in html
     assert "budget resets at" in html.lower()
     total_html = total_page.content.decode()
     assert "never (total)" in total_html
