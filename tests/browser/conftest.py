@@ -87,7 +87,7 @@ def site(transactional_db: None, live_server_factory: Callable[..., LiveServer],
     from apiforge.asgi import application
 
     settings.USAGE_TRANSPORT = "database"
-    return live_server_factory(_with_static_files(application), timeout_graceful_shutdown=10)
+    return live_server_factory(_with_static_files(application), timeout_graceful_shutdown=20)
 
 
 @pytest.fixture
