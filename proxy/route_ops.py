@@ -149,32 +149,13 @@ def route_breakers_reset(
 
 
 def _verdict_share(key: str, healthy: bool) -> int:
-    """Write ``key``'s verdict to the shared health record and tell every worker; its version (0 without
-    Redis). The record is the checkers' own (``proxy.edge.shared_state``): their next probes count from it."""
+    """Write ``key``'s verdict to the shared health record (with Redis) and tell every worker; its version (0
+    without Redis)."""
     if not settings.REDIS_URL:
         return 0
-    import redis
+    from proxy.edge.shared_state import shared_health_set
 
-    from proxy.edge.shared_state import _names
-
-    _, hash_health, channel = _names()
-    client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=1.0, socket_connect_timeout=1.0)
-    version = int(time.time() * 1000)
-    try:
-        with client:
-            current = client.hget(hash_health, key)
-            if current:
-                parts = (current.decode() if isinstance(current, bytes) else str(current)).split(",")
-                if len(parts) == 4 and parts[3].isdigit():
-                    version = max(version, int(parts[3]) + 1)
-            packed = f"{1 if healthy else 2},{1 if healthy else 0},{0 if healthy else 1},{version}"
-            pipe = client.pipeline(transaction=True)
-            pipe.hset(hash_health, key, packed)
-            pipe.publish(channel, f"H\t{key}\t{packed}")
-            pipe.execute()
-    except redis.RedisError as exc:
-        raise CacheUnavailable("proxy-health", committed=True) from exc
-    return version
+    return shared_health_set(key, healthy)
 
 
 def route_health_check_run(

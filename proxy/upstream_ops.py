@@ -29,7 +29,6 @@ from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.db.models import Count, Max
 
@@ -37,7 +36,15 @@ from gateway_stats.models import UsageRecord
 from gateway_stats.rollups import HOUR
 from gateway_stats.services import audit_record
 from gateway_stats.stats import UsageFilter, UsageNumbers, usage_time_series
-from proxy.edge.breaker import BreakerView, breaker_reset, breaker_view, deployment_key, health_view
+from proxy.edge.breaker import (
+    BreakerPolicy,
+    BreakerView,
+    breaker_cooldown_s,
+    breaker_reset,
+    breaker_view,
+    deployment_key,
+    health_view,
+)
 from proxy.errors import secret_blank
 from proxy.models import Deployment, Upstream
 
@@ -171,8 +178,7 @@ def _opened_at(view: BreakerView, upstream: Upstream) -> datetime | None:
     cooldown as set now, doubled for each trip in a row, capped)."""
     if view.state != "open" or not view.open_until:
         return None
-    ceiling = max(settings.BREAKER_COOLDOWN_MAX_S, upstream.breaker_cooldown_s)
-    cooldown = min(upstream.breaker_cooldown_s * 2 ** min(max(view.trips - 1, 0), 60), ceiling)
+    cooldown = breaker_cooldown_s(BreakerPolicy(cooldown_s=upstream.breaker_cooldown_s), view.trips)
     return datetime.fromtimestamp(view.open_until - cooldown, UTC)
 
 

@@ -219,7 +219,8 @@ def _entry(key: str, policy: BreakerPolicy) -> _Breaker:
     return breaker
 
 
-def _cooldown(policy: BreakerPolicy, trips: int) -> float:
+def breaker_cooldown_s(policy: BreakerPolicy, trips: int) -> float:
+    """How long a breaker under ``policy`` stays open after ``trips`` trips in a row (doubling, capped)."""
     ceiling = max(settings.BREAKER_COOLDOWN_MAX_S, policy.cooldown_s)
     if trips > 60:
         return ceiling
@@ -231,7 +232,7 @@ def _open(breaker: _Breaker, now: float, trips: int) -> None:
     breaker.trips = trips
     breaker.failures = 0
     breaker.probes = 0
-    breaker.open_until = now + _cooldown(breaker.policy, trips)
+    breaker.open_until = now + breaker_cooldown_s(breaker.policy, trips)
     # Once per trip (not per request): operators and benchmarks see when and why a member was shed.
     logger.warning(
         "circuit breaker %s opened for %.1f s (trip %d in a row)", breaker.key, breaker.open_until - now, trips

@@ -342,16 +342,51 @@ def shared_sync() -> _SharedSync | None:
 _reset_clients: dict[str, Any] = {}
 
 
+def _operator_client() -> Any:
+    """A short-timeout sync client for the operators' actions (one per Redis URL, kept)."""
+    import redis
+
+    url = settings.REDIS_URL
+    client = _reset_clients.get(url)
+    if client is None:
+        client = _reset_clients[url] = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    return client
+
+
+def shared_health_set(key: str, healthy: bool) -> int:
+    """Set ``key``'s shared health record to a decided verdict and tell every worker; its version (sync; an
+    operator's "health check now"). The checkers' next probes count from it. ``CacheUnavailable`` if Redis is
+    down."""
+    import redis
+
+    from apiforge.local_cache import CacheUnavailable
+
+    client = _operator_client()
+    _, hash_health, channel = _names()
+    version = int(time.time() * 1000)
+    try:
+        current = client.hget(hash_health, key)
+        if current:
+            known = health_record_parse(current.decode() if isinstance(current, bytes) else str(current))
+            if known is not None:
+                version = max(version, known[1] + 1)
+        packed = f"{1 if healthy else 2},{1 if healthy else 0},{0 if healthy else 1},{version}"
+        pipe = client.pipeline(transaction=True)
+        pipe.hset(hash_health, key, packed)
+        pipe.publish(channel, f"H\t{key}\t{packed}")
+        pipe.execute()
+    except redis.RedisError as exc:
+        raise CacheUnavailable("proxy-health", committed=True) from exc
+    return version
+
+
 def shared_reset(key: str) -> None:
     """Delete ``key``'s shared breaker and health records and tell every worker (sync; an operator's action)."""
     import redis
 
     from apiforge.local_cache import CacheUnavailable
 
-    url = settings.REDIS_URL
-    client = _reset_clients.get(url)
-    if client is None:
-        client = _reset_clients[url] = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    client = _operator_client()
     hash_breakers, hash_health, channel = _names()
     try:
         pipe = client.pipeline(transaction=True)
