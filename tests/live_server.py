@@ -24,6 +24,25 @@ from apiforge.server import GuardedHttpToolsProtocol
 
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
+SETTLE_TIMEOUT_S = 5.0
+
+_running: set[LiveServer] = set()
+
+
+def live_requests_settle(timeout: float = SETTLE_TIMEOUT_S) -> bool:
+    """Wait (bounded) until no live server in this process is still running a request's ASGI call.
+
+    A streamed answer is accounted after its last chunk has been sent, so a client can have read the whole
+    stream while the server is still finishing the call: whatever the call does last (its usage event) is
+    done once this returns True. False when a request is still running after ``timeout`` (a test that left
+    one hanging on purpose).
+    """
+    deadline = time.monotonic() + timeout
+    while any(server.requests_running() for server in list(_running)):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 class LiveServer:
@@ -45,6 +64,10 @@ class LiveServer:
 
     def url(self, path: str) -> str:
         return self.base_url + path
+
+    def requests_running(self) -> int:
+        """How many requests' ASGI calls are running now (uvicorn's own task set)."""
+        return 0 if self._server is None else len(self._server.server_state.tasks)
 
     def start(self) -> LiveServer:
         if self._thread is not None:
@@ -68,6 +91,7 @@ class LiveServer:
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, args=(sock,), name=f"live-server-{self.port}", daemon=True)
         self._thread.start()
+        _running.add(self)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self._server.started:
             if not self._thread.is_alive():
@@ -93,6 +117,7 @@ class LiveServer:
         server, thread = self._server, self._thread
         if server is None or thread is None:
             return
+        _running.discard(self)
         server.should_exit = True
         # uvicorn's own grace (timeout_graceful_shutdown) runs first, then the lifespan shutdown
         thread.join((server.config.timeout_graceful_shutdown or 0) + STOP_TIMEOUT_S / 2)

@@ -30,11 +30,11 @@ from prometheus_client import REGISTRY
 from accounts.models import User
 from apiforge.asgi import application
 from gateway_stats.events import GROUP, bus, event_publish, events_bus_start, usage_event_payload, usage_events_sink
-from gateway_stats.usage import UsageEvent, emitter
+from gateway_stats.usage import UsageEvent
 from tests.factories import UserFactory
 from tests.live_server import LiveServer, live_server_factory
 from tests.proxy.conftest import fake_upstream
-from tests.proxy.helpers import key_make, model_make, upstream_make
+from tests.proxy.helpers import key_make, model_make, upstream_make, usage_flush
 
 __all__ = ["fake_upstream", "live_server_factory"]
 
@@ -342,7 +342,7 @@ def test_a_call_proxied_by_the_running_server_reaches_a_staff_browser_and_others
             json={"model": "gpt-live", "messages": [{"role": "user", "content": "watch me"}]},
             timeout=10,
         )
-        emitter.flush()
+        usage_flush()
         frame = json.loads(browser.recv(timeout=WAIT_S))
 
     assert answer.status_code == 200

@@ -32,7 +32,7 @@ from tests.factories import ApiKeyFactory, UserFactory
 from tests.live_server import LiveServer, live_gateway, live_server_factory
 from tests.proxy.conftest import fake_upstream
 from tests.proxy.fake_upstream import FakeUpstream
-from tests.proxy.helpers import model_make, upstream_make
+from tests.proxy.helpers import model_make, upstream_make, usage_flush
 
 __all__ = ["fake_upstream", "live_gateway", "live_server_factory"]
 
@@ -260,7 +260,7 @@ def test_a_playground_token_streams_an_answer_through_the_proxy_as_its_key_and_t
         )
         request_id = raw.headers["x-request-id"]
         chunks = list(raw.parse())
-    emitter.flush()
+    usage_flush()
 
     text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
     assert text == FakeUpstream.expected_content(MESSAGES)
@@ -294,7 +294,7 @@ def test_the_usage_endpoint_answers_404_for_an_unknown_call_or_a_key_the_user_ma
 ) -> None:
     key = ApiKeyFactory()
     answer = _chat(gateway, key.secret)
-    emitter.flush()
+    usage_flush()
     request_id = answer.headers["x-request-id"]
     staff = _logged_in(UserFactory(staff=True))
 

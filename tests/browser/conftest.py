@@ -22,10 +22,10 @@ from django.conf import settings
 
 from accounts.models import User
 from gateway_stats.models import UsageRecord
-from gateway_stats.usage import emitter
 from tests.factories import UserFactory
 from tests.live_server import LiveServer, live_server_factory
 from tests.proxy.conftest import fake_upstream
+from tests.proxy.helpers import usage_flush
 
 __all__ = ["fake_upstream", "live_server_factory"]  # fixtures of this folder's tests too
 
@@ -146,6 +146,6 @@ def ledger_rows(count: int, timeout_s: float = 10.0) -> None:
     """Flush the usage emitter until the ledger holds ``count`` rows (bounded)."""
     deadline = time.monotonic() + timeout_s
     while UsageRecord.objects.count() < count:
-        emitter.flush()
+        usage_flush()
         assert time.monotonic() < deadline, f"the ledger has {UsageRecord.objects.count()} rows, not {count}"
         time.sleep(0.05)

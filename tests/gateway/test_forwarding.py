@@ -15,6 +15,7 @@ from tests.factories import ApiKeyFactory, UserFactory
 from tests.gateway.conftest import RouteMaker
 from tests.gateway.echo_target import EchoTarget
 from tests.live_server import LiveServer
+from tests.proxy.helpers import usage_flush
 
 
 def _get(gateway: LiveServer, path: str, **kwargs: Any) -> httpx.Response:
@@ -335,7 +336,7 @@ def test_gateway_calls_reach_the_ledger_and_the_route_statistics(
         assert _get(live_gateway, "/gw/stats-route/x").status_code == 200
     echo.fail_next(1, status=500)
     assert _get(live_gateway, "/gw/stats-route/x").status_code == 500
-    emitter.flush()
+    usage_flush()
     rows = UsageRecord.objects.filter(route="stats-route")
     assert sorted(rows.values_list("status", flat=True)) == [200, 200, 200, 500]
     assert {row.upstream for row in rows} == {f"127.0.0.1:{echo.port}"}

@@ -20,9 +20,10 @@ import pytest
 from django.conf import settings as django_settings
 
 from gateway_stats.access_log import AccessLogFormatter, AccessLogHandler, access_log_fields, usage_access_log_sink
-from gateway_stats.usage import UsageEvent, emitter
+from gateway_stats.usage import UsageEvent
 from tests.observability.conftest import MESSAGES
 from tests.proxy.fake_upstream import FakeUpstream
+from tests.proxy.helpers import usage_flush
 
 FIELDS = {
     "request_id",
@@ -107,7 +108,7 @@ def _access_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 def test_one_line_per_call_with_its_fields_written_at_flush_not_during_the_request(
     gateway: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    emitter.flush()
+    usage_flush()
     with caplog.at_level(logging.INFO, logger="apiforge.access"):
         gateway.client.chat.completions.create(
             model="gpt-obs", messages=MESSAGES, extra_headers={"x-request-id": "acc-1"}
@@ -121,7 +122,7 @@ def test_one_line_per_call_with_its_fields_written_at_flush_not_during_the_reque
                 model="no-such-model", messages=MESSAGES, extra_headers={"x-request-id": "acc-3"}
             )
         assert _access_lines(caplog) == [], "nothing is logged on the request path"
-        emitter.flush()
+        usage_flush()
     lines = {record.request_id: record for record in _access_lines(caplog)}  # type: ignore[attr-defined]
 
     assert set(lines) == {"acc-1", "acc-2", "acc-3"}
@@ -147,12 +148,12 @@ def test_the_json_formatter_of_the_settings_writes_every_field_and_no_secret_or_
     gateway: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     formatter = formatter_of_settings("access_json")  # the access log's formatter with LOG_FORMAT=json
-    emitter.flush()
+    usage_flush()
     with caplog.at_level(logging.INFO, logger="apiforge.access"):
         gateway.client.chat.completions.create(
             model="gpt-obs", messages=MESSAGES, extra_headers={"x-request-id": "json-1"}
         )
-        emitter.flush()
+        usage_flush()
     (record,) = _access_lines(caplog)
 
     line = formatter.format(record)
@@ -170,23 +171,23 @@ def test_the_json_formatter_of_the_settings_writes_every_field_and_no_secret_or_
 
 def test_access_log_false_turns_it_off(gateway: Any, settings: Any, caplog: pytest.LogCaptureFixture) -> None:
     settings.ACCESS_LOG = False
-    emitter.flush()
+    usage_flush()
     with caplog.at_level(logging.INFO, logger="apiforge.access"):
         gateway.client.chat.completions.create(model="gpt-obs", messages=MESSAGES)
-        assert emitter.flush() == 1
+        assert usage_flush() == 1
     assert _access_lines(caplog) == []
 
 
 def test_a_path_a_client_made_up_is_logged_as_other(gateway: Any, caplog: pytest.LogCaptureFixture) -> None:
     import httpx
 
-    emitter.flush()
+    usage_flush()
     with caplog.at_level(logging.INFO, logger="apiforge.access"):
         answer = httpx.post(
             gateway.live.url("/v1/anything/typed-here"), headers={"Authorization": f"Bearer {gateway.key.secret}"}
         )
         assert answer.status_code == 404
-        emitter.flush()
+        usage_flush()
     (record,) = _access_lines(caplog)
     assert record.endpoint == "other"  # type: ignore[attr-defined]
     assert "typed-here" not in record.getMessage()
@@ -199,14 +200,14 @@ def test_the_handler_of_the_settings_writes_one_json_line_per_call_with_every_fi
     gateway: Any, access_stream: AccessStream
 ) -> None:
     access_stream.use("access_json")
-    emitter.flush()
+    usage_flush()
     gateway.client.chat.completions.create(model="gpt-obs", messages=MESSAGES, extra_headers={"x-request-id": "b-1"})
     for _ in gateway.client.chat.completions.create(
         model="gpt-obs", messages=MESSAGES, stream=True, extra_headers={"x-request-id": "b-2"}
     ):
         pass
     assert access_stream.lines() == [], "nothing is written on the request path"
-    emitter.flush()
+    usage_flush()
 
     text = access_stream.buffer.getvalue()
     documents = {document["request_id"]: document for document in access_stream.documents()}

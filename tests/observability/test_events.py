@@ -24,9 +24,10 @@ from gateway_stats.events import (
     usage_event_payload,
     usage_events_sink,
 )
-from gateway_stats.usage import UsageEvent, emitter
+from gateway_stats.usage import UsageEvent
 from tests.observability.conftest import MESSAGES, free_port
 from tests.proxy.fake_upstream import FakeUpstream
+from tests.proxy.helpers import usage_flush
 
 WAIT_S = 5.0
 BUSES = ("queue", "channels", "zmq", "encode")
@@ -81,7 +82,7 @@ def receive(sock: Any, count: int, wait: float = WAIT_S) -> list[tuple[str, dict
 
 def test_a_zeromq_subscriber_receives_the_usage_events_of_the_calls_made(gateway: Any, subscriber: Any) -> None:
     subscribe(subscriber, "usage")
-    emitter.flush()
+    usage_flush()
     ids = [f"zmq-{n}" for n in range(3)]
     for request_id in ids[:2]:
         gateway.client.chat.completions.create(
@@ -91,7 +92,7 @@ def test_a_zeromq_subscriber_receives_the_usage_events_of_the_calls_made(gateway
         model="gpt-obs", messages=MESSAGES, stream=True, extra_headers={"x-request-id": ids[2]}
     ):
         pass
-    emitter.flush()
+    usage_flush()
 
     received = receive(subscriber, 3)
     assert [topic for topic, _ in received] == ["usage"] * 3

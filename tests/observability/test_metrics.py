@@ -15,9 +15,9 @@ from django.core.cache import cache
 from django.test import Client
 
 from gateway_stats import metrics
-from gateway_stats.usage import emitter
 from tests.observability.conftest import MESSAGES, sample, samples_parse
 from tests.proxy.fake_upstream import FakeUpstream
+from tests.proxy.helpers import usage_flush
 
 TOKEN = "metrics-scrape-token-0123456789"
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,7 +32,7 @@ def scrape(client: Client, **extra: Any) -> dict[Any, float]:
 
 def test_metrics_count_exactly_the_calls_made_with_their_tokens_cost_and_latencies(gateway: Any) -> None:
     client = Client()
-    emitter.flush()
+    usage_flush()
     before = scrape(client)
     labels = {"endpoint": "/v1/chat/completions", "model": "gpt-obs", "upstream": "obs-upstream", "status": "200"}
 
@@ -45,7 +45,7 @@ def test_metrics_count_exactly_the_calls_made_with_their_tokens_cost_and_latenci
     # Counted from the usage thread's batches, not on the request path: nothing moves before the flush.
     unflushed = scrape(client)
     assert sample(unflushed, "apiforge_requests_total", **labels) == sample(before, "apiforge_requests_total", **labels)
-    emitter.flush()
+    usage_flush()
     after = scrape(client)
 
     def delta(name: str, **wanted: str) -> float:
@@ -71,12 +71,12 @@ def test_metrics_count_exactly_the_calls_made_with_their_tokens_cost_and_latenci
 
 
 def test_the_usage_queue_depth_is_read_at_scrape_time(gateway: Any) -> None:
-    emitter.flush()
+    usage_flush()
     gateway.client.embeddings.create(model="gpt-obs", input="one two", encoding_format="float")
     gateway.client.embeddings.create(model="gpt-obs", input="three", encoding_format="float")
 
     assert sample(scrape(Client()), "apiforge_usage_queue_depth") == 2
-    emitter.flush()
+    usage_flush()
     assert sample(scrape(Client()), "apiforge_usage_queue_depth") == 0
 
 

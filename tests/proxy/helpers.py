@@ -11,6 +11,7 @@ import pytest
 from gateway_stats.usage import UsageEvent, emitter
 from proxy.models import Deployment, Model, Upstream
 from tests.factories import ApiKeyFactory
+from tests.live_server import live_requests_settle
 
 
 def upstream_make(*, name: str = "fake", base_url: str = "", kind: str = "openai", **fields: Any) -> Upstream:
@@ -45,6 +46,16 @@ def key_make(**fields: Any) -> Any:
     return ApiKeyFactory(**fields)
 
 
+def usage_flush() -> int:
+    """Flush the usage emitter once the live servers' calls have ended; how many events went out.
+
+    A streamed answer is accounted after its last chunk is sent, so the client can have read all of it
+    before the server queues its usage event: flushing at once could miss it.
+    """
+    live_requests_settle()
+    return emitter.flush()
+
+
 class UsageCapture:
     """Collects the usage records the proxy hands off (a sink on the real emitter)."""
 
@@ -55,7 +66,8 @@ class UsageCapture:
         self.records.extend(batch)
 
     def flushed(self) -> list[UsageEvent]:
-        emitter.flush()
+        """Every record so far, once the live servers' calls have ended (see ``usage_flush``)."""
+        usage_flush()
         return list(self.records)
 
 
