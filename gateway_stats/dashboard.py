@@ -250,10 +250,13 @@ def _time_charts(start: datetime, end: datetime, period: Period, points: dict[da
         _dataset("Requests", [one.requests for one in numbers], _PRIMARY, **axis),
         _dataset("Errors", [one.errors for one in numbers], _RED),
     ]
+    # A dot on every bucket with calls: Unfold's lines draw no points, so a bucket between two without calls
+    # (no latency) was drawn as nothing at all, and a day with calls in one hour showed an empty chart.
+    dots = {"pointStyle": "circle", "pointRadius": 3}
     latency = [
-        _dataset("p50", [values[0] for values in latencies], _PRIMARY_LIGHT, **axis),
-        _dataset("p95", [values[1] for values in latencies], _PRIMARY),
-        _dataset("p99", [values[2] for values in latencies], _RED),
+        _dataset("p50", [values[0] for values in latencies], _PRIMARY_LIGHT, **axis, **dots),
+        _dataset("p95", [values[1] for values in latencies], _PRIMARY, **dots),
+        _dataset("p99", [values[2] for values in latencies], _RED, **dots),
     ]
     return [
         _chart("requests", "Requests and errors", "line", labels, requests),

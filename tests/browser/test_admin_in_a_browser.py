@@ -17,12 +17,20 @@ from tests.proxy.helpers import key_make, model_make, upstream_make
 
 MESSAGES: Any = [{"role": "user", "content": "hello from the browser test"}]
 
-# Whether a canvas has anything drawn on it: some pixel that is not fully transparent.
-CANVAS_DRAWN = """canvas => {
-    const context = canvas.getContext("2d");
-    const pixels = context.getImageData(0, 0, canvas.width, canvas.height).data;
-    for (let i = 3; i < pixels.length; i += 4) if (pixels[i] !== 0) return true;
-    return false;
+# Whether a chart shows any of its data (axes and grid lines alone do not count): a bar at least a pixel high, a
+# line segment between two neighbouring points, or a point drawn as a dot.
+CHART_SHOWS_DATA = """canvas => {
+    const chart = Chart.getChart(canvas);
+    if (!chart) return false;
+    return chart.data.datasets.some((dataset, index) => {
+        const meta = chart.getDatasetMeta(index);
+        if (meta.hidden) return false;
+        const shown = meta.data.filter(element => !element.skip && Number.isFinite(element.y));
+        if (meta.type === "bar") return shown.some(element => Math.abs(element.base - element.y) >= 1);
+        const dots = shown.some(element => element.options.pointStyle && element.options.radius > 0);
+        const segment = meta.data.some((element, at) => at > 0 && !element.skip && !meta.data[at - 1].skip);
+        return dots || segment;
+    });
 }"""
 
 
@@ -48,7 +56,7 @@ def test_a_staff_member_logs_in_and_sees_the_dashboard_charts_drawn_from_real_ca
     for chart in ("requests", "latency", "tokens-by-model", "cost-by-model"):
         canvas = page.locator(f"canvas#chart-{chart}")
         expect(canvas).to_be_visible()
-        page.wait_for_function(f"({CANVAS_DRAWN})(document.querySelector('canvas#chart-{chart}'))", timeout=WAIT_MS)
+        page.wait_for_function(f"({CHART_SHOWS_DATA})(document.querySelector('canvas#chart-{chart}'))", timeout=WAIT_MS)
     expect(page.get_by_text("browser-upstream").first).to_be_visible()
     screenshot(page, "dashboard")
 
