@@ -6,7 +6,9 @@ for an active staff user of the admin session (``AuthMiddlewareStack``) who may 
 (``gateway_stats.view_usagerecord``, as the live page). Anyone else is closed before the handshake is
 accepted, which the client sees as HTTP 403. An accepted socket joins the Channels group ``staff_events``
 (``gateway_stats.events``) and gets each group message as one JSON frame ``{"topic": "usage" | "audit",
-"events": [...]}``, for the topics it asked for (``?topics=usage,audit``; both by default).
+"events": [...]}``, for the topics it asked for (``?topics=usage,audit``; both by default). A usage event
+gains the ``username`` of its ``user_id`` (looked up once per user and socket, in one query per batch): the
+publisher's events carry ids only, so the proxy never reads the user table for the feed.
 
 A slow or absent browser never slows the publisher: the publisher's ``group_send`` puts a message on each
 member's channel, and a channel already holding its capacity (``CHANNEL_LAYERS`` ``capacity``, 100 messages
@@ -28,6 +30,7 @@ from django.conf import settings
 from gateway_stats.events import GROUP, TOPICS
 
 PERMISSION = "gateway_stats.view_usagerecord"
+USERNAMES_KEPT = 1000  # the usernames one socket remembers; past that it forgets them all and asks again
 
 
 def scope_header(scope: dict[str, Any], name: bytes) -> str:
@@ -66,11 +69,23 @@ def staff_allowed(user: Any) -> bool:
     return bool(user.has_perm(PERMISSION))
 
 
+@database_sync_to_async
+def usernames_of(user_ids: set[int]) -> dict[int, str]:
+    """The usernames of those users (a user deleted since is left out)."""
+    from accounts.models import User
+
+    return dict(User.objects.filter(pk__in=user_ids).values_list("pk", "username"))
+
+
 class StaffEventsConsumer(AsyncJsonWebsocketConsumer):
     """Forwards the ``staff_events`` group's usage and audit events to one staff user's browser."""
 
     topics: frozenset[str] = frozenset()
     joined = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.usernames: dict[int, str | None] = {}
 
     async def connect(self) -> None:
         if not origin_allowed(self.scope) or not await staff_allowed(self.scope.get("user")):
@@ -90,7 +105,21 @@ class StaffEventsConsumer(AsyncJsonWebsocketConsumer):
         """The feed only speaks: what the browser sends (JSON or not) is ignored."""
 
     async def usage_events(self, message: dict[str, Any]) -> None:
-        await self._forward("usage", message)
+        if "usage" in self.topics:
+            await self._forward("usage", {"events": await self._named(message["events"])})
+
+    async def _named(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The events, each with its user's ``username`` (``None`` without a user, or for one deleted since)."""
+        unknown = {event["user_id"] for event in events if event.get("user_id") is not None} - self.usernames.keys()
+        if unknown:
+            if len(self.usernames) + len(unknown) > USERNAMES_KEPT:
+                self.usernames.clear()
+            found = await usernames_of(unknown)
+            self.usernames.update({user_id: found.get(user_id) for user_id in unknown})
+        return [{**event, "username": self._username(event.get("user_id"))} for event in events]
+
+    def _username(self, user_id: int | None) -> str | None:
+        return None if user_id is None else self.usernames.get(user_id)
 
     async def audit_events(self, message: dict[str, Any]) -> None:
         await self._forward("audit", message)

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import websockets.sync.client
+from channels.db import database_sync_to_async
 from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
@@ -187,20 +188,49 @@ async def test_a_superuser_is_let_in(session_cookie: Cookie) -> None:
 async def test_a_staff_socket_receives_each_proxied_call_with_the_tables_fields(
     publisher: Any, staff_cookie: bytes
 ) -> None:
+    owner = await database_sync_to_async(UserFactory)(username="ada-live")
     socket = await accepted(staff_cookie)
-    calls = [call("live-1"), call("live-2", status=502, error_code="upstream_error", route="chat-route")]
+    calls = [
+        call("live-1", user_id=owner.pk),
+        call("live-2", status=502, error_code="upstream_error", route="chat-route", user_id=None),
+    ]
     try:
         await published(lambda: usage_events_sink(calls))
         frame = await socket.receive_json_from(timeout=WAIT_S)
     finally:
         await socket.disconnect()
 
-    assert frame == {"topic": "usage", "events": [usage_event_payload(event) for event in calls]}
+    names = ["ada-live", None]
+    assert frame == {
+        "topic": "usage",
+        "events": [usage_event_payload(event) | {"username": name} for event, name in zip(calls, names, strict=True)],
+    }
     first, second = frame["events"]
-    assert (first["key_prefix"], first["user_id"], first["model"], first["status"]) == ("af_live", 7, "gpt-live", 200)
+    assert (first["key_prefix"], first["user_id"], first["username"]) == ("af_live", owner.pk, "ada-live")
+    assert (first["model"], first["status"]) == ("gpt-live", 200)
     assert (first["latency_ms"], first["total_tokens"], first["cost"]) == (41.25, 42, "0")
     assert isinstance(first["started_at"], float)
     assert (second["status"], second["error_code"], second["route"]) == (502, "upstream_error", "chat-route")
+
+
+async def test_each_call_names_its_user_once_looked_up_and_a_deleted_user_keeps_only_its_id(
+    publisher: Any, staff_cookie: bytes
+) -> None:
+    ada, bob = [await database_sync_to_async(UserFactory)(username=name) for name in ("ada-feed", "bob-feed")]
+    gone = await database_sync_to_async(UserFactory)(username="gone-feed")
+    gone_id = gone.pk
+    await database_sync_to_async(gone.delete)()
+    socket = await accepted(staff_cookie)
+    try:
+        await published(lambda: usage_events_sink([call("n-1", user_id=ada.pk), call("n-2", user_id=gone_id)]))
+        first = await socket.receive_json_from(timeout=WAIT_S)
+        await published(lambda: usage_events_sink([call("n-3", user_id=bob.pk), call("n-4", user_id=ada.pk)]))
+        second = await socket.receive_json_from(timeout=WAIT_S)
+    finally:
+        await socket.disconnect()
+
+    shown = [(event["user_id"], event["username"]) for frame in (first, second) for event in frame["events"]]
+    assert shown == [(ada.pk, "ada-feed"), (gone_id, None), (bob.pk, "bob-feed"), (ada.pk, "ada-feed")]
 
 
 async def test_a_socket_idle_for_longer_than_a_blocking_receive_still_gets_the_next_call(
@@ -349,6 +379,7 @@ def test_a_call_proxied_by_the_running_server_reaches_a_staff_browser_and_others
     assert frame["topic"] == "usage"
     (event,) = frame["events"]
     assert (event["request_id"], event["key_prefix"], event["user_id"]) == ("live-e2e", key.prefix, key.owner_id)
+    assert event["username"] == key.owner.username
     assert (event["model"], event["status"], event["upstream"]) == ("gpt-live", 200, "live-upstream")
     assert event["total_tokens"] > 0
     assert Decimal(event["cost"]) > 0

@@ -40,7 +40,7 @@ def _proxied_calls(site: LiveServer, upstream: Any, count: int) -> Any:
     client = openai.OpenAI(base_url=site.url("/v1"), api_key=key.secret, max_retries=0, timeout=10)
     for _ in range(count):
         assert client.chat.completions.create(model="gpt-browser", messages=MESSAGES).choices
-    return client
+    return key
 
 
 def test_a_staff_member_logs_in_and_sees_the_dashboard_charts_drawn_from_real_calls(
@@ -107,13 +107,14 @@ def test_calls_appear_on_the_live_page_as_they_are_served(
     page.goto("/admin/live/")
     expect(page.locator("#live-state")).to_have_attribute("data-state", "live")
 
-    _proxied_calls(site, fake_upstream, 2)
+    key = _proxied_calls(site, fake_upstream, 2)
     ledger_rows(2)  # the emitter's flush is what publishes the events
 
     rows = page.locator("#live-events tbody tr")
     expect(rows).to_have_count(2)
     expect(rows.first).to_contain_text("gpt-browser")
     expect(rows.first).to_contain_text("200")
+    expect(rows.first).to_contain_text(key.owner.username)  # the user by name, not by id
     expect(page.locator("#live-empty")).to_be_hidden()
     screenshot(page, "live")
 

@@ -47,7 +47,7 @@
     if (event.model && event.route) target = event.model + " (" + event.route + ")";
     tr.appendChild(cell(when.toLocaleTimeString()));
     tr.appendChild(cell(event.key_prefix || "-"));
-    tr.appendChild(cell(event.user_id == null ? "-" : String(event.user_id)));
+    tr.appendChild(cell(event.username || (event.user_id == null ? "-" : String(event.user_id))));
     tr.appendChild(cell(target || "-"));
     tr.appendChild(badge(event.status, event.error_code));
     tr.appendChild(cell(Number(event.latency_ms).toFixed(1) + " ms"));
