@@ -16,6 +16,7 @@ Registered by the import at the end of ``proxy/admin.py``.
 from __future__ import annotations
 
 import copy
+import json
 import re
 from datetime import timedelta
 from typing import Any
@@ -42,7 +43,12 @@ from django.utils.safestring import SafeString
 from unfold.admin import ModelAdmin, TabularInline
 from unfold.decorators import action
 from unfold.enums import ActionVariant
-from unfold.widgets import UnfoldAdminDecimalFieldWidget, UnfoldAdminIntegerFieldWidget, UnfoldAdminTextInputWidget
+from unfold.widgets import (
+    UnfoldAdminDecimalFieldWidget,
+    UnfoldAdminIntegerFieldWidget,
+    UnfoldAdminTextareaWidget,
+    UnfoldAdminTextInputWidget,
+)
 
 from apiforge.audit import audit_context
 from apiforge.local_cache import CacheUnavailable
@@ -193,11 +199,106 @@ class HealthCheckField(forms.MultiValueField):
         return config
 
 
+# The parts of a fallback answer (``proxy.gateway_catalog.FallbackAnswer``): key, label.
+_FALLBACK_PARTS = (
+    ("status", "Status (empty: no fallback)"),
+    ("body", "Body"),
+    ("headers", "Headers, one “Name: value” per line"),
+)
+
+
+class FallbackWidget(forms.MultiWidget):
+    """The fallback answer's status, body and headers as labelled inputs (instead of a JSON text area)."""
+
+    template_name = "admin/proxy/route/health_check_widget.html"  # labelled parts side by side
+
+    def __init__(self) -> None:
+        text = {"rows": 4, "cols": 48}
+        super().__init__(
+            [
+                UnfoldAdminIntegerFieldWidget(attrs={"min": "100", "max": "599", "placeholder": "503"}),
+                UnfoldAdminTextareaWidget(attrs={**text, "placeholder": '{"error": "orders is down, retry later"}'}),
+                UnfoldAdminTextareaWidget(attrs={**text, "placeholder": "Retry-After: 30"}),
+            ]
+        )
+
+    def decompress(self, value: Any) -> list[Any]:
+        if not isinstance(value, dict) or not value:
+            return [None, "", ""]
+        body = value.get("body", "")
+        headers = value.get("headers")
+        return [
+            value.get("status"),
+            body if isinstance(body, str) else json.dumps(body, indent=2, ensure_ascii=False),
+            "\n".join(f"{name}: {text}" for name, text in headers.items()) if isinstance(headers, dict) else "",
+        ]
+
+    def get_context(self, name: str, value: Any, attrs: dict[str, Any] | None) -> dict[str, Any]:
+        context = super().get_context(name, value, attrs)
+        for subwidget, (_, label) in zip(context["widget"]["subwidgets"], _FALLBACK_PARTS, strict=True):
+            subwidget["label"] = label
+        return context
+
+
+def _header_lines(text: str) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        name, colon, value = line.partition(":")
+        if not colon or not name.strip():
+            raise ValidationError(f"headers, line {number}: write “Name: value” (got “{line.strip()[:60]}”).")
+        headers[name.strip()] = value.strip()
+    return headers
+
+
+class FallbackField(forms.MultiValueField):
+    """``{"status", "body", "headers"}`` from the widget's parts: {} when all are empty. A body that is a JSON
+    object or array is kept as JSON (answered as application/json), any other text as a string (text/plain).
+    Checked by the service's ``fallback_errors`` (through ``route_validate`` in the form's ``clean``)."""
+
+    widget = FallbackWidget
+
+    def __init__(self, **kwargs: Any) -> None:
+        for name in ("encoder", "decoder", "max_length"):
+            kwargs.pop(name, None)
+        parts = (
+            forms.IntegerField(required=False),
+            forms.CharField(required=False, strip=False),
+            forms.CharField(required=False),
+        )
+        super().__init__(parts, require_all_fields=False, **{**kwargs, "required": False})
+
+    def compress(self, data_list: list[Any]) -> dict[str, Any]:
+        status, body, headers = (list(data_list or []) + [None, "", ""])[:3]
+        headers = _header_lines(headers or "")
+        if status is None and not (body or "").strip() and not headers:
+            return {}
+        config: dict[str, Any] = {"status": status}  # None: the service says a fallback needs its status
+        if (body or "").strip():
+            config["body"] = _json_body(body)
+        if headers:
+            config["headers"] = headers
+        return config
+
+
+def _json_body(text: str) -> Any:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict | list) else text
+
+
 class RouteAdminForm(forms.ModelForm):
     methods = _ListFormField(required=False, help_text="HTTP methods, e.g. GET, POST; empty = all.")
     hosts = _ListFormField(required=False, help_text="Host names the route answers for; empty = any.")
     health_check = HealthCheckField(
-        help_text="Each target gets GET <target><path> every interval; a 2xx or 3xx within the timeout is a success."
+        help_text="Each target gets GET (its URL and the path) every interval; a 2xx or 3xx in time is a success."
+    )
+    fallback = FallbackField(
+        help_text="Answered when no target can (all down, drained or open): a JSON object or array as the body is "
+        "sent as application/json, other text as text/plain, unless a Content-Type header says otherwise."
     )
 
     class Meta:

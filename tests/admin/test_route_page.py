@@ -416,7 +416,6 @@ def _add_form(**overrides: str) -> dict[str, str]:
         "retries": "1",
         "request_headers": "{}",
         "response_headers": "{}",
-        "fallback": "{}",
         "breaker_failure_threshold": "5",
         "breaker_cooldown_s": "30",
         "breaker_half_open_requests": "1",
@@ -448,6 +447,7 @@ def test_the_health_check_is_edited_as_its_five_parts(root: User, admin_for: Cal
     page = _messages(client, _change(route))
     assert 'name="health_check_0" value="/healthz"' in page
     assert 'name="health_check_2" value="1.5"' in page
+    assert "Each target gets GET (its URL and the path) every interval" in page  # no words lost as HTML tags
 
 
 def test_health_check_parts_left_empty_mean_no_check_or_the_checker_defaults(
@@ -473,4 +473,55 @@ def test_bad_health_check_parts_get_the_services_messages(root: User, admin_for:
     assert "timeout_s: must be a number of seconds greater than 0" in page
     assert "healthy: must be a whole number from 1 to 100" in page
     assert "path: must be a path starting with" in pathless.content.decode()
+    assert not Route.objects.exists()
+
+
+def _fallback_parts(status: str = "", body: str = "", headers: str = "") -> dict[str, str]:
+    return {"fallback_0": status, "fallback_1": body, "fallback_2": headers}
+
+
+def test_the_fallback_is_edited_as_status_body_and_header_lines(
+    root: User, admin_for: Callable[[User], Client]
+) -> None:
+    client = admin_for(root)
+    json_body = _fallback_parts("503", '{"error": "orders is down"}', "Retry-After: 30\r\nX-Degraded:  yes ")
+    text_body = _fallback_parts("200", "try again later", "")
+
+    answer = client.post("/admin/proxy/route/add/", _add_form(**json_body))
+    client.post("/admin/proxy/route/add/", _add_form(name="billing", path="/billing", **text_body))
+
+    assert answer.status_code == 302, answer.content.decode()[:2000]
+    route = Route.objects.get(name="orders")
+    assert route.fallback == {
+        "status": 503,
+        "body": {"error": "orders is down"},
+        "headers": {"Retry-After": "30", "X-Degraded": "yes"},
+    }
+    assert Route.objects.get(name="billing").fallback == {"status": 200, "body": "try again later"}
+    page = _messages(client, _change(route))
+    assert 'name="fallback_0" value="503"' in page
+    assert "Retry-After: 30" in page
+    assert "&quot;error&quot;: &quot;orders is down&quot;" in page
+
+
+def test_fallback_parts_left_empty_mean_no_fallback(root: User, admin_for: Callable[[User], Client]) -> None:
+    client = admin_for(root)
+
+    client.post("/admin/proxy/route/add/", _add_form(**_fallback_parts("", "  ", "")))
+
+    assert Route.objects.get(name="orders").fallback == {}
+
+
+def test_bad_fallback_parts_get_clear_messages(root: User, admin_for: Callable[[User], Client]) -> None:
+    client = admin_for(root)
+
+    statusless = client.post("/admin/proxy/route/add/", _add_form(**_fallback_parts("", "down")))
+    bad_line = client.post("/admin/proxy/route/add/", _add_form(**_fallback_parts("503", "", "Retry-After 30")))
+    bad_header = client.post("/admin/proxy/route/add/", _add_form(**_fallback_parts("503", "", "Content-Length: 1")))
+    bad_status = client.post("/admin/proxy/route/add/", _add_form(**_fallback_parts("700")))
+
+    assert "status: must be an HTTP status code, 100 to 599." in statusless.content.decode()
+    assert "headers, line 1: write “Name: value” (got “Retry-After 30”)." in bad_line.content.decode()
+    assert bad_header.status_code == 200 and "content-length" in bad_header.content.decode().lower()
+    assert bad_status.status_code == 200
     assert not Route.objects.exists()
