@@ -512,7 +512,15 @@ class RouteAdmin(ModelAdmin):
 
     def get_fieldsets(self, request: HttpRequest, obj: Route | None = None) -> Any:
         fieldsets = super().get_fieldsets(request, obj)
-        return fieldsets if obj is not None else [fs for fs in fieldsets if "operations_panel" not in fs[1]["fields"]]
+        if obj is None:
+            return [fs for fs in fieldsets if "operations_panel" not in fs[1]["fields"]]
+        # The route's name heads its panel: the page header's breadcrumb is cut short beside the buttons.
+        return [
+            (f"“{obj.name}” now: last 24 h and the targets' state", options)
+            if "operations_panel" in options["fields"]
+            else (title, options)
+            for title, options in fieldsets
+        ]
 
     def get_urls(self) -> list[URLPattern]:
         extra = [
@@ -661,7 +669,7 @@ class RouteAdmin(ModelAdmin):
 
     # --- the change page's buttons (a confirmation dialog each, submitted by POST) ---------------------------
     @action(
-        description="Reset circuit breakers",
+        description="Reset breakers",  # short labels: the page header keeps room for the route's name
         icon="restart_alt",
         permissions=["change"],
         url_path="reset-breakers",
@@ -672,7 +680,7 @@ class RouteAdmin(ModelAdmin):
         return _back(request, object_id)
 
     @action(
-        description="Run health check now",
+        description="Check health",
         icon="ecg_heart",
         permissions=["change"],
         url_path="health-check",

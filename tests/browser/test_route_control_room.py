@@ -1,4 +1,4 @@
-"""The route change page in a browser: the confirmation dialog of "Run health check now" posts and lands back on
+"""The route change page in a browser: the confirmation dialog of "Check health" posts and lands back on
 the page with the probe's result, and a target row's Drain button drains that target (CSRF and all)."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def test_an_operator_runs_the_health_check_and_drains_a_target_from_the_route_pa
     page.goto(f"/admin/proxy/route/{route.pk}/change/")
     screenshot(page, "route-control-room")
 
-    page.get_by_text("Run health check now").first.click()
+    page.get_by_role("link", name="Check health").first.click()
     dialog = page.locator("#dialog")
     expect(dialog).to_be_visible()
     with page.expect_navigation(wait_until="domcontentloaded"):
