@@ -6,6 +6,8 @@ WEB_CONCURRENCY ?= 2
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# make test's pytest-xdist processes (each its own test database, Redis key prefix and spool); 0 = in this process
+TEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed-$(shell cat requirements/*.txt | sha1sum | cut -c1-12)
 
 .PHONY: run serve test lint typecheck bench bench-micro worker beat clean fuzz
@@ -65,7 +67,7 @@ typecheck: $(STAMP)
 # The machine's PostgreSQL and Redis when they answer (.ci/services.sh), as in CI; else SQLite and in-process.
 test: lint typecheck
 	APP_ENV=test $(BIN)/python manage.py makemigrations --check --dry-run
-	source .ci/services.sh && APP_ENV=test $(BIN)/pytest --cov --cov-report=term
+	source .ci/services.sh && APP_ENV=test $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --cov --cov-report=term
 
 # Gateway vs direct-to-upstream on a throwaway stack (~2 min; see bench/README.md). Extra options: BENCH_ARGS="...".
 bench: $(STAMP)

@@ -46,6 +46,15 @@ def fail_on_unexpected_error_log(request: pytest.FixtureRequest) -> Iterator[Non
         pytest.fail(f"unexpected ERROR log lines:\n{lines}")
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    """Captured output that is not valid UTF-8 (a test logging a lone surrogate on purpose) is escaped in the
+    report: pytest-xdist sends reports between processes as UTF-8 and would stop its worker on it."""
+    report: pytest.TestReport = yield
+    report.sections = [(title, text.encode("utf-8", "backslashreplace").decode()) for title, text in report.sections]
+    return report
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "expect_error_log: the test expects ERROR log lines")
 

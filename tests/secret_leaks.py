@@ -210,11 +210,31 @@ def no_secret_leaks() -> Iterator[None]:
         pytest.fail("secret leak(s):\n" + "\n".join(sorted(set(new))), pytrace=False)
 
 
+def _totals() -> list[int]:
+    return [len(ledger.credentials), len(ledger.issued), ledger.bodies, ledger.log_lines, len(ledger.hits)]
+
+
+_workers_totals: list[list[int]] = []  # under pytest-xdist: what each worker searched (the controller runs no test)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:  # a pytest-xdist worker: its totals go to the controller
+        output["secret_leaks"] = _totals()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    totals = getattr(node, "workeroutput", {}).get("secret_leaks")
+    if totals:
+        _workers_totals.append(totals)
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    tracked = len(ledger.credentials) + len(ledger.issued)
+    columns = zip(_totals(), *_workers_totals, strict=True)
+    credentials, issued, bodies, log_lines, hits = (sum(column) for column in columns)
     terminalreporter.write_line(
-        f"secret-leak check: {tracked} secrets tracked ({len(ledger.issued)} API keys/JWTs/playground tokens issued "
-        "in answers, "
-        f"{len(ledger.credentials)} passwords/upstream credentials), {ledger.bodies} answer bodies and "
-        f"{ledger.log_lines} log lines searched, {len(ledger.hits)} leaks found"
+        f"secret-leak check: {credentials + issued} secrets tracked ({issued} API keys/JWTs/playground tokens "
+        f"issued in answers, {credentials} passwords/upstream credentials), {bodies} answer bodies and "
+        f"{log_lines} log lines searched, {hits} leaks found"
     )
