@@ -26,6 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
+from django.contrib.auth import get_user_model
 
 from gateway_stats.events import GROUP, TOPICS
 
@@ -72,9 +73,8 @@ def staff_allowed(user: Any) -> bool:
 @database_sync_to_async
 def usernames_of(user_ids: set[int]) -> dict[int, str]:
     """The usernames of those users (a user deleted since is left out)."""
-    from accounts.models import User
-
-    return dict(User.objects.filter(pk__in=user_ids).values_list("pk", "username"))
+    users = get_user_model()
+    return dict(users.objects.filter(pk__in=user_ids).values_list("pk", users.USERNAME_FIELD))
 
 
 class StaffEventsConsumer(AsyncJsonWebsocketConsumer):
