@@ -267,7 +267,8 @@ def _time_charts(start: datetime, end: datetime, period: Period, points: dict[da
 def _model_charts(summary: UsageSummary) -> list[Chart]:
     """Tokens and cost of the period's top models by cost ("(no model)": gateway route calls, and calls refused
     before a model was known). One dataset each: Unfold's bars overlap rather than stack."""
-    models = summary.top_models
+    # An entry with neither tokens nor cost (calls refused before a model was known) would be an empty bar.
+    models = [entry for entry in summary.top_models if entry.numbers.total_tokens or entry.numbers.cost]
     labels = [entry.label or "(no model)" for entry in models]
     axis = {"displayYAxis": True, "maxBarThickness": 24}
     tokens = [entry.numbers.total_tokens for entry in models]

@@ -196,6 +196,25 @@ def test_the_charts_data_is_in_the_page_for_unfolds_chart_script(admin_for, root
     assert "afk-000011" in html  # top keys by spend
 
 
+def test_calls_with_neither_tokens_nor_cost_draw_no_empty_bar_by_model(admin_for, root):
+    calls(20, start=_ago(hours=3), span=timedelta(hours=2), seed=8)
+    refused = UsageEvent(
+        request_id="req-refused",
+        endpoint="/v1/chat/completions",
+        status=404,
+        error_code="model_not_found",
+        started_at=_ago(hours=1).timestamp(),
+        event_id=uuid.uuid4().hex,
+    )
+    ledger_write([usage_row(refused)])
+
+    _, elements = _page(admin_for(root), "?period=day")
+
+    assert _card(elements, "requests") == "21"  # the refused call counts as a request
+    assert sorted(_chart(elements, "tokens-by-model")["labels"]) == sorted(MODELS)  # but is no "(no model)" bar
+    assert sorted(_chart(elements, "cost-by-model")["labels"]) == sorted(MODELS)
+
+
 def test_every_deployment_and_route_target_is_listed_with_its_health_and_breaker(admin_for, root):
     upstream = Upstream.objects.create(name="openai-a", kind="mock")
     model = Model.objects.create(name="gpt-4o")

@@ -141,3 +141,18 @@ def test_the_changelist_takes_the_same_queries_for_10_and_1000_rows(client_, que
 
     assert UsageRecord.objects.count() == 1000
     assert many == few
+
+
+def test_a_call_that_is_not_streamed_carries_no_red_cross_and_its_cost_reads_as_on_the_dashboard(client_):
+    plain = usage(request_id="req-plain", stream=False, cost="0.000008")
+    usage(request_id="req-streamed", stream=True, cost="1.5")
+
+    page = client_.get(LOG).content.decode()
+    detail = client_.get(f"{LOG}{plain.pk}/change/").content.decode()
+
+    streams = re.findall(r'<td class="field-stream_text[^"]*"[^>]*>([^<]*)</td>', page)
+    assert sorted(streams) == ["stream", "–"]  # words, not a boolean's green tick and red cross
+    costs = re.findall(r'<td class="field-cost_text[^"]*"[^>]*>([^<]*)</td>', page)
+    assert sorted(costs) == ["0.000008", "1.5000"]
+    assert "0.000008" in detail
+    assert "0.0000080000" not in detail
