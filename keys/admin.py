@@ -153,10 +153,9 @@ class ApiKeyAdmin(ModelAdmin):
         "state",
         "expires_at",
         "last_used_at",
-        "rpm_limit",
-        "tpm_limit",
-        "max_concurrency",
+        "limits",
         "budget",
+        "spent",
         "created_at",
     ]
     list_display_links = ["prefix", "name"]
@@ -203,6 +202,29 @@ class ApiKeyAdmin(ModelAdmin):
     @display(description="state", label=_STATE_LABELS)
     def state(self, obj: ApiKey) -> str:
         return key_state(obj)
+
+    @admin.display(description="limits")
+    def limits(self, obj: ApiKey) -> str:
+        parts = [
+            f"{obj.rpm_limit:,} rpm" if obj.rpm_limit is not None else "",
+            f"{obj.tpm_limit:,} tpm" if obj.tpm_limit is not None else "",
+            f"{obj.max_concurrency:,} at once" if obj.max_concurrency is not None else "",
+        ]
+        return " · ".join(part for part in parts if part) or "-"
+
+    @admin.display(description="spent this period")
+    def spent(self, obj: ApiKey) -> str:
+        spent = self._spent(obj)
+        return f"{money_text(spent.cost)} · {spent.tokens:,} tokens"
+
+    def get_changelist_instance(self, request: HttpRequest) -> Any:
+        """The page's keys get their spend this period from one ledger query (the ``spent`` column)."""
+        changelist = super().get_changelist_instance(request)
+        page = list(changelist.result_list)  # evaluated here: the rows the page then draws are these objects
+        spent = key_budget_spent_many(page)
+        for key in page:
+            key._budget_spent = spent[key.pk]
+        return changelist
 
     @admin.display(description="budget")
     def budget(self, obj: ApiKey) -> str:

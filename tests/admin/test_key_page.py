@@ -61,6 +61,30 @@ def test_the_list_shows_each_keys_state_as_a_badge(admin_client_: Client) -> Non
     assert "icon-yes" not in page
 
 
+def _cell(page: str, key: ApiKey, column: str) -> str:
+    row = re.search(rf"<tr[^>]*>(?:(?!</tr>).)*?{re.escape(key.name)}(?:(?!</tr>).)*</tr>", page, re.S)
+    assert row is not None, f"no row for {key.name}"
+    cell = re.search(rf'<td class="field-{column}[^"]*"[^>]*>([^<]*)</td>', row[0])
+    assert cell is not None, row[0]
+    return html.unescape(cell[1]).strip()
+
+
+def test_the_list_shows_each_keys_limits_and_its_spend_this_period(admin_client_: Client) -> None:
+    busy = ApiKeyFactory(name="busy", rpm_limit=60, tpm_limit=10000, max_concurrency=4)
+    idle = ApiKeyFactory(name="idle")
+    recent = timezone.now() - timedelta(minutes=1)
+    for _ in range(2):
+        usage(key_id=busy.pk, key_prefix=busy.prefix, user_id=busy.owner_id, started_at=recent)
+    usage(key_id=busy.pk, key_prefix=busy.prefix, started_at=recent - timedelta(days=400))  # a past period
+
+    page = admin_client_.get(CHANGELIST).content.decode()
+
+    assert _cell(page, busy, "limits") == "60 rpm · 10,000 tpm · 4 at once"
+    assert _cell(page, idle, "limits") == "-"
+    assert _cell(page, busy, "spent") == "0.00015 · 30 tokens"
+    assert _cell(page, idle, "spent") == "0.0000 · 0 tokens"
+
+
 def test_the_owner_autocomplete_answers_the_matching_user(admin_client_: Client) -> None:
     carol = UserFactory(username="carol")
     UserFactory(username="dave")
