@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from keys.verification import KeyPolicy
 
 RefusalReason = Literal["unknown", "inactive", "revoked", "expired", "ip_not_allowed"]
+
+# The error code a refused call carries (proxy.edge.authenticate answers with them; the ledger keeps them).
+REFUSAL_CODES: dict[RefusalReason, str] = {
+    "unknown": "invalid_api_key",
+    "inactive": "api_key_disabled",
+    "revoked": "api_key_revoked",
+    "expired": "api_key_expired",
+    "ip_not_allowed": "ip_not_allowed",
+}
+# A known key's refusals: its call is attributed to it in the ledger, but it was not a use (no last_used_at).
+KNOWN_KEY_REFUSAL_CODES = frozenset(code for reason, code in REFUSAL_CODES.items() if reason != "unknown")
 
 _MESSAGES: dict[str, str] = {
     "unknown": "Invalid API key.",
@@ -24,6 +38,9 @@ class KeyRefused(Exception):
 
     reason: RefusalReason
 
-    def __init__(self, reason: RefusalReason) -> None:
+    def __init__(self, reason: RefusalReason, policy: KeyPolicy | None = None) -> None:
         super().__init__(_MESSAGES[reason])
         self.reason = reason
+        # The refused key's policy when the key is known (disabled, revoked, expired, IP not allowed): whose
+        # key it was, for the ledger's row of the refused call. Never for ``unknown``.
+        self.policy = policy

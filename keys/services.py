@@ -22,6 +22,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from gateway_stats.services import audit_record
+from keys.exceptions import KNOWN_KEY_REFUSAL_CODES
 from keys.hashing import key_digest, key_secret_generate, key_secret_prefix
 from keys.models import ApiKey
 from keys.scopes import SCOPE_FIELDS, scope_errors
@@ -341,7 +342,12 @@ def key_usage_flush() -> int:
 def key_usage_sink(batch: Sequence[UsageEvent]) -> None:
     """The usage hand-off's sink for keys (registered in ``KeysConfig.ready()``): notes each key's use and
     writes ``last_used_at``, at most once a minute per key. Runs on the usage emitter's thread."""
-    for key_id in {event.key_id for event in batch if event.key_id is not None}:
+    used = {
+        event.key_id
+        for event in batch
+        if event.key_id is not None and event.error_code not in KNOWN_KEY_REFUSAL_CODES  # refused: not a use
+    }
+    for key_id in used:
         key_usage_touch(key_id)
     try:
         key_usage_flush()

@@ -305,11 +305,11 @@ class KeyVerifier:
         if entry.valid_until is not None and now >= entry.valid_until:
             raise KeyRefused("unknown")  # an old secret after its rotation grace period
         if entry.refusal:
-            raise KeyRefused(entry.refusal)
+            raise KeyRefused(entry.refusal, policy)
         if entry.expires_at is not None and now >= entry.expires_at:
-            raise KeyRefused("expired")
+            raise KeyRefused("expired", policy)
         if entry.networks and not _ip_allowed(entry.networks, client_ip):
-            raise KeyRefused("ip_not_allowed")
+            raise KeyRefused("ip_not_allowed", policy)
         return policy
 
     # --- loading -------------------------------------------------------------------------------

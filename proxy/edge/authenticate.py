@@ -8,6 +8,7 @@ that key's checks, as if the key itself had been presented.
 from __future__ import annotations
 
 from gateway_stats.usage import UsageEvent
+from keys.exceptions import REFUSAL_CODES
 from keys.playground import PLAYGROUND_TOKEN_PREFIX, PlaygroundTokenRefused, playground_token_key_id
 from keys.verification import KeyPolicy, KeyRefused, key_verify_async, key_verify_by_id_async
 from proxy.catalog import Catalog, ModelTarget
@@ -15,11 +16,11 @@ from proxy.edge.exchange import ProxyRequest
 from proxy.errors import ProxyError, not_found
 
 REFUSALS = {
-    "unknown": (401, "invalid_api_key", "Incorrect API key provided."),
-    "inactive": (403, "api_key_disabled", "This API key is disabled."),
-    "revoked": (403, "api_key_revoked", "This API key has been revoked."),
-    "expired": (403, "api_key_expired", "This API key has expired."),
-    "ip_not_allowed": (403, "ip_not_allowed", "This API key may not be used from your IP address."),
+    "unknown": (401, REFUSAL_CODES["unknown"], "Incorrect API key provided."),
+    "inactive": (403, REFUSAL_CODES["inactive"], "This API key is disabled."),
+    "revoked": (403, REFUSAL_CODES["revoked"], "This API key has been revoked."),
+    "expired": (403, REFUSAL_CODES["expired"], "This API key has expired."),
+    "ip_not_allowed": (403, REFUSAL_CODES["ip_not_allowed"], "This API key may not be used from your IP address."),
 }
 
 JWT_ON_PROXY = (
@@ -45,12 +46,23 @@ async def authenticate(request: ProxyRequest, event: UsageEvent) -> KeyPolicy:
         policy = await key_verify_async(request.api_key, request.client_ip)
     except KeyRefused as refused:
         if refused.reason != "unknown" or not request.api_key.startswith(PLAYGROUND_TOKEN_PREFIX):
+            refused_key_attribute(event, refused)
             raise _refusal(refused, request.api_key) from None
-        policy = await _playground_policy(request.api_key, request.client_ip)
+        policy = await _playground_policy(request.api_key, request.client_ip, event)
     event.key_id = policy.key_id
     event.key_prefix = policy.prefix
     event.user_id = policy.owner_id
     return policy
+
+
+def refused_key_attribute(event: UsageEvent, refused: KeyRefused) -> None:
+    """A known key's refused call (disabled, revoked, expired, IP not allowed) is its own row in the request
+    log and its stats, so staff see who keeps calling with it; an unknown credential stays unattributed."""
+    policy = refused.policy
+    if policy is not None:
+        event.key_id = policy.key_id
+        event.key_prefix = policy.prefix
+        event.user_id = policy.owner_id
 
 
 def _refusal(refused: KeyRefused, api_key: str) -> ProxyError:
@@ -60,7 +72,7 @@ def _refusal(refused: KeyRefused, api_key: str) -> ProxyError:
     return ProxyError(status, message, code=code)
 
 
-async def _playground_policy(token: str, client_ip: str | None) -> KeyPolicy:
+async def _playground_policy(token: str, client_ip: str | None, event: UsageEvent) -> KeyPolicy:
     """The policy of the key a playground token is bound to: an invalid or expired token is an unknown key
     (401, saying which), and the key is refused for what would refuse the key itself (revoked, disabled...)."""
     try:
@@ -70,6 +82,7 @@ async def _playground_policy(token: str, client_ip: str | None) -> KeyPolicy:
     try:
         return await key_verify_by_id_async(key_id, client_ip)
     except KeyRefused as refused:
+        refused_key_attribute(event, refused)
         raise _refusal(refused, token) from None
 
 

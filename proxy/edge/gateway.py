@@ -41,7 +41,7 @@ from keys.verification import KeyPolicy, KeyRefused, key_verify_async
 from proxy.edge import breaker
 from proxy.edge.account import account
 from proxy.edge.admit import Admission, admit_route
-from proxy.edge.authenticate import REFUSALS
+from proxy.edge.authenticate import REFUSALS, refused_key_attribute
 from proxy.edge.exchange import Header, Receive, Scope, Send
 from proxy.edge.jwt_auth import jwt_authenticate
 from proxy.errors import ProxyError, internal_error, not_found, secret_blank, service_unavailable
@@ -182,6 +182,7 @@ async def _authenticate(
         try:
             policy = await key_verify_async(secret, client_ip)
         except KeyRefused as refused:
+            refused_key_attribute(event, refused)
             status, code, message = REFUSALS.get(refused.reason, REFUSALS["unknown"])
             raise ProxyError(status, message, code=code) from None
         event.key_id = policy.key_id

@@ -323,6 +323,29 @@ def test_every_call_is_accounted_with_its_route_and_target(
     assert by_status[404].error_code == "route_not_found"
 
 
+def test_a_disabled_keys_refused_route_call_is_its_own_and_never_forwarded(
+    live_gateway: LiveServer, echo: EchoTarget, route_make: RouteMaker
+) -> None:
+    from tests.proxy.helpers import UsageCapture
+
+    route_make("acct", "/acct", [echo.root_url], auth="key")
+    key = ApiKeyFactory(is_active=False)
+    capture = UsageCapture()
+    emitter.sinks.append(capture)
+    try:
+        answer = _get(live_gateway, "/gw/acct/x", headers={"x-api-key": key.secret})
+        (record,) = capture.flushed()
+    finally:
+        emitter.sinks.remove(capture)
+    assert answer.status_code == 403
+    assert _error(answer)["code"] == "api_key_disabled"
+    assert echo.calls == 0
+    assert (record.route, record.error_code) == ("acct", "api_key_disabled")
+    assert (record.key_id, record.key_prefix, record.user_id) == (key.pk, key.prefix, key.owner_id)
+    key.refresh_from_db()
+    assert key.last_used_at is None
+
+
 def test_gateway_calls_reach_the_ledger_and_the_route_statistics(
     live_gateway: LiveServer, echo: EchoTarget, route_make: RouteMaker, settings: Any
 ) -> None:

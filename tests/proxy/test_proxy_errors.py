@@ -474,3 +474,31 @@ def test_upstream_error_quoting_our_upstream_credential_does_not_reach_the_clien
     error = assert_openai_error(answer, 400, "upstream_refused")
     assert b"sk-upstream-secret" not in answer.body
     assert error["message"].startswith("Incorrect API key provided: ***")
+
+
+@pytest.mark.parametrize(
+    ("fields", "code"),
+    [
+        ({"is_active": False}, "api_key_disabled"),
+        ({"is_active": False, "revoked_at": timezone.now()}, "api_key_revoked"),
+        ({"ip_allowlist": ["10.0.0.0/8"]}, "ip_not_allowed"),
+    ],
+)
+def test_a_known_keys_refused_call_is_in_its_request_log_but_is_no_use_of_it(
+    live_gateway, demo, usage, fields, code
+) -> None:
+    key = key_make(**fields)
+    transport = LeanTransport(live_gateway.base_url)
+    nope = {"Authorization": "Bearer afk-" + "x" * 43}
+
+    assert_openai_error(transport.request("POST", "/v1/chat/completions", body=CHAT, headers=bearer(key)), 403, code)
+    assert_openai_error(
+        transport.request("POST", "/v1/chat/completions", body=CHAT, headers=nope), 401, "invalid_api_key"
+    )
+
+    refused, unknown = sorted(usage.flushed(), key=lambda record: record.status, reverse=True)
+    assert (refused.status, refused.error_code) == (403, code)
+    assert (refused.key_id, refused.key_prefix, refused.user_id) == (key.pk, key.prefix, key.owner_id)
+    assert (unknown.key_id, unknown.key_prefix, unknown.user_id) == (None, "", None)  # whose? nobody's
+    key.refresh_from_db()
+    assert key.last_used_at is None  # refused: not a use of the key
