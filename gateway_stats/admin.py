@@ -109,8 +109,7 @@ class UsageRecordAdmin(_ReadOnlyAdmin):
         "request_id",
         "key_link",
         "user_link",
-        "model",
-        "route",
+        "target",
         "upstream",
         "status_badge",
         "error_code",
@@ -173,9 +172,20 @@ class UsageRecordAdmin(_ReadOnlyAdmin):
     def cost_text(self, obj: UsageRecord) -> str:
         return money_text(obj.cost)
 
+    @admin.display(description="model or route", ordering="model")
+    def target(self, obj: UsageRecord) -> str:
+        """The model, the route, both (a route's call that names a model), or "-"; one column for the width."""
+        if obj.model and obj.route:
+            return f"{obj.model} ({obj.route})"
+        return obj.model or obj.route or "-"
+
     @admin.display(description="key", ordering="key_id")
     def key_link(self, obj: UsageRecord) -> str:
-        return _change_link("keys", "apikey", obj.key_id, obj.key_prefix or obj.key_id)
+        if obj.key_id is None:
+            return _change_link("keys", "apikey", None, obj.key_prefix)
+        # A prefix never wraps at its dash: it is what staff copy and search by.
+        text = format_html('<span class="whitespace-nowrap">{}</span>', obj.key_prefix or obj.key_id)
+        return _change_link("keys", "apikey", obj.key_id, text)
 
     @admin.display(description="user", ordering="user_id")
     def user_link(self, obj: UsageRecord) -> str:

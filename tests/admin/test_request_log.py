@@ -156,3 +156,15 @@ def test_a_call_that_is_not_streamed_carries_no_red_cross_and_its_cost_reads_as_
     assert sorted(costs) == ["0.000008", "1.5000"]
     assert "0.000008" in detail
     assert "0.0000080000" not in detail
+
+
+def test_the_model_and_the_route_share_one_column_and_a_key_prefix_never_wraps(client_, calls):
+    usage(request_id="req-both", model="gpt-4o", route="chat-route")
+    usage(request_id="req-neither", model="", route="")
+
+    page = client_.get(LOG).content.decode()
+
+    targets = re.findall(r'<td class="field-target[^"]*"[^>]*>([^<]*)</td>', page)
+    expected = ["gpt-4o (billing)", "gpt-4o", "gpt-4o (search)", "gpt-4o", "gpt-4o (chat-route)", "-"]
+    assert sorted(targets) == sorted(expected)
+    assert '<span class="whitespace-nowrap">afk_aaaa1111</span>' in page
