@@ -181,11 +181,13 @@ class UsageRecordAdmin(_ReadOnlyAdmin):
 
     @admin.display(description="key", ordering="key_id")
     def key_link(self, obj: UsageRecord) -> str:
-        if obj.key_id is None:
-            return _change_link("keys", "apikey", None, obj.key_prefix)
+        label = obj.key_prefix or obj.key_id
+        if label in (None, ""):
+            return "-"
         # A prefix never wraps at its dash: it is what staff copy and search by.
-        text = format_html('<span class="whitespace-nowrap">{}</span>', obj.key_prefix or obj.key_id)
-        return _change_link("keys", "apikey", obj.key_id, text)
+        return _change_link(
+            "keys", "apikey", obj.key_id, format_html('<span class="whitespace-nowrap">{}</span>', label)
+        )
 
     @admin.display(description="user", ordering="user_id")
     def user_link(self, obj: UsageRecord) -> str:
