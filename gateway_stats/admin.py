@@ -105,7 +105,7 @@ class _ReadOnlyAdmin(ModelAdmin):
 class UsageRecordAdmin(_ReadOnlyAdmin):
     """The request log: one row per proxied call, newest first."""
 
-    # The upstream is a filter and on each call's page: the list keeps to what fits 1400 px.
+    # The upstream and stream are filters and on each call's page: the list keeps to what fits 1400 px.
     list_display = [
         "started",
         "request_id",
@@ -114,10 +114,9 @@ class UsageRecordAdmin(_ReadOnlyAdmin):
         "target",
         "status_badge",
         "error_code",
-        "stream_text",
-        "total_tokens",
+        "tokens",
         "cost_text",
-        "latency_ms",
+        "latency",
     ]
     list_display_links = ["started", "request_id"]
     list_filter = [
@@ -168,6 +167,14 @@ class UsageRecordAdmin(_ReadOnlyAdmin):
     @admin.display(description="stream", ordering="stream")
     def stream_text(self, obj: UsageRecord) -> str:
         return "stream" if obj.stream else "–"
+
+    @admin.display(description="tokens", ordering="total_tokens")
+    def tokens(self, obj: UsageRecord) -> str:
+        return f"{obj.total_tokens:,}"
+
+    @admin.display(description="latency", ordering="latency_ms")
+    def latency(self, obj: UsageRecord) -> str:
+        return f"{obj.latency_ms:,.1f} ms"
 
     @admin.display(description="cost", ordering="cost")
     def cost_text(self, obj: UsageRecord) -> str:

@@ -144,18 +144,21 @@ def test_the_changelist_takes_the_same_queries_for_10_and_1000_rows(client_, que
 
 
 def test_a_call_that_is_not_streamed_carries_no_red_cross_and_its_cost_reads_as_on_the_dashboard(client_):
-    plain = usage(request_id="req-plain", stream=False, cost="0.000008")
+    plain = usage(request_id="req-plain", stream=False, cost="0.000008", total_tokens=1234, latency_ms=12.34)
     usage(request_id="req-streamed", stream=True, cost="1.5")
 
     page = client_.get(LOG).content.decode()
     detail = client_.get(f"{LOG}{plain.pk}/change/").content.decode()
 
-    streams = re.findall(r'<td class="field-stream_text[^"]*"[^>]*>([^<]*)</td>', page)
-    assert sorted(streams) == ["stream", "–"]  # words, not a boolean's green tick and red cross
     costs = re.findall(r'<td class="field-cost_text[^"]*"[^>]*>([^<]*)</td>', page)
     assert sorted(costs) == ["0.000008", "1.5000"]
+    assert "1,234" in re.findall(r'<td class="field-tokens[^>]*>([^<]*)</td>', page)
+    assert "12.3 ms" in re.findall(r'<td class="field-latency[^>]*>([^<]*)</td>', page)
     assert "0.000008" in detail
     assert "0.0000080000" not in detail
+    stream = re.search(r">Stream</label>.*?<div class=\"readonly[^>]*>([^<]*)</div>", detail, re.S)
+    assert stream is not None
+    assert stream[1] == "–"  # a word, not a boolean's red cross
 
 
 def test_the_model_and_the_route_share_one_column_and_a_key_prefix_never_wraps(client_, calls):
