@@ -113,7 +113,7 @@ class UsageRecordAdmin(_ReadOnlyAdmin):
         "user_link",
         "target",
         "status_badge",
-        "error_code",
+        "error",
         "tokens",
         "cost_text",
         "latency",
@@ -167,6 +167,10 @@ class UsageRecordAdmin(_ReadOnlyAdmin):
     @admin.display(description="stream", ordering="stream")
     def stream_text(self, obj: UsageRecord) -> str:
         return "stream" if obj.stream else "–"
+
+    @admin.display(description="error", ordering="error_code")
+    def error(self, obj: UsageRecord) -> str:
+        return obj.error_code or "-"
 
     @admin.display(description="tokens", ordering="total_tokens")
     def tokens(self, obj: UsageRecord) -> str:
