@@ -186,15 +186,14 @@ class UsageRecordAdmin(_ReadOnlyAdmin):
 
     @admin.display(description="started at", ordering="started_at")
     def started(self, obj: UsageRecord) -> str:
-        """To the second, on one line (the date hierarchy above says which day)."""
+        """Month, day and time to the second, on one line (the date hierarchy above says the year)."""
         return format_html(
-            '<span class="whitespace-nowrap">{}</span>',
-            timezone.localtime(obj.started_at).strftime("%Y-%m-%d %H:%M:%S"),
+            '<span class="whitespace-nowrap">{}</span>', timezone.localtime(obj.started_at).strftime("%m-%d %H:%M:%S")
         )
 
-    @admin.display(description="model or route", ordering="model")
+    @admin.display(description="target", ordering="model")
     def target(self, obj: UsageRecord) -> str:
-        """The model, the route, both (a route's call that names a model), or "-"; one column for the width."""
+        """What was called: the model, the route, both (a route's call that names a model), or "-"."""
         if obj.model and obj.route:
             return f"{obj.model} ({obj.route})"
         return obj.model or obj.route or "-"

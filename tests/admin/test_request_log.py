@@ -173,4 +173,4 @@ def test_the_model_and_the_route_share_one_column_and_a_key_prefix_never_wraps(c
     assert '<span class="whitespace-nowrap">afk_aaaa1111</span>' in page
     started = re.findall(r'<[a-z]+ class="field-started[^"]*"[^>]*>(?:<a [^>]*>)?<span[^>]*>([^<]*)</span>', page)
     assert len(started) == 6
-    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", moment) for moment in started)  # to the second
+    assert all(re.fullmatch(r"\d\d-\d\d \d\d:\d\d:\d\d", moment) for moment in started)  # to the second
