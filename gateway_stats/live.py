@@ -105,8 +105,8 @@ class StaffEventsConsumer(AsyncJsonWebsocketConsumer):
         """The feed only speaks: what the browser sends (JSON or not) is ignored."""
 
     async def usage_events(self, message: dict[str, Any]) -> None:
-        if "usage" in self.topics:
-            await self._forward("usage", {"events": await self._named(message["events"])})
+        if "usage" in self.topics:  # checked first: a socket that asked for audit only looks up no names
+            await self.send_json({"topic": "usage", "events": await self._named(message["events"])})
 
     async def _named(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The events, each with its user's ``username`` (``None`` without a user, or for one deleted since)."""

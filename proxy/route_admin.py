@@ -139,10 +139,34 @@ _HEALTH_PARTS = (
 )
 
 
-class HealthCheckWidget(forms.MultiWidget):
-    """The health check's five parts as labelled inputs (instead of a JSON text area)."""
+class _LabelledPartsWidget(forms.MultiWidget):
+    """A JSON object edited as labelled inputs side by side, one per part (``part_labels``, in order)."""
 
-    template_name = "admin/proxy/route/health_check_widget.html"
+    template_name = "admin/proxy/route/labelled_parts_widget.html"
+
+    def part_labels(self) -> list[str]:
+        raise NotImplementedError
+
+    def get_context(self, name: str, value: Any, attrs: dict[str, Any] | None) -> dict[str, Any]:
+        context = super().get_context(name, value, attrs)
+        for subwidget, label in zip(context["widget"]["subwidgets"], self.part_labels(), strict=True):
+            subwidget["label"] = label
+        return context
+
+
+class _PartsField(forms.MultiValueField):
+    """A model JSONField's form field built from ``parts`` (never required: all empty means {}). The JSON
+    field's own options are dropped; the service's validation (through the form's ``clean``) checks the
+    result."""
+
+    def __init__(self, parts: tuple[forms.Field, ...], **kwargs: Any) -> None:
+        for name in ("encoder", "decoder", "max_length"):
+            kwargs.pop(name, None)
+        super().__init__(parts, require_all_fields=False, **{**kwargs, "required": False})
+
+
+class HealthCheckWidget(_LabelledPartsWidget):
+    """The health check's five parts as labelled inputs (instead of a JSON text area)."""
 
     def __init__(self) -> None:
         step = {"step": "any", "min": "0"}
@@ -161,14 +185,11 @@ class HealthCheckWidget(forms.MultiWidget):
             return [None] * len(_HEALTH_PARTS)
         return [value.get(key) for key, _, _ in _HEALTH_PARTS]
 
-    def get_context(self, name: str, value: Any, attrs: dict[str, Any] | None) -> dict[str, Any]:
-        context = super().get_context(name, value, attrs)
-        for subwidget, (_, label, default) in zip(context["widget"]["subwidgets"], _HEALTH_PARTS, strict=True):
-            subwidget["label"] = label if default is None else f"{label}, default {default}"
-        return context
+    def part_labels(self) -> list[str]:
+        return [label if default is None else f"{label}, default {default}" for _, label, default in _HEALTH_PARTS]
 
 
-class HealthCheckField(forms.MultiValueField):
+class HealthCheckField(_PartsField):
     """``{"path", "interval_s", "timeout_s", "healthy", "unhealthy"}`` from the widget's parts: {} when all are
     empty, only the parts given otherwise (the checker's defaults for the rest). Checked by the service's
     ``health_check_errors`` (through ``route_validate`` in the form's ``clean``), not here."""
@@ -176,9 +197,6 @@ class HealthCheckField(forms.MultiValueField):
     widget = HealthCheckWidget
 
     def __init__(self, **kwargs: Any) -> None:
-        kwargs.pop("encoder", None)
-        kwargs.pop("decoder", None)
-        kwargs.pop("max_length", None)
         parts = (
             forms.CharField(required=False, strip=True),
             forms.FloatField(required=False),
@@ -186,7 +204,7 @@ class HealthCheckField(forms.MultiValueField):
             forms.IntegerField(required=False),
             forms.IntegerField(required=False),
         )
-        super().__init__(parts, require_all_fields=False, **{**kwargs, "required": False})
+        super().__init__(parts, **kwargs)
 
     def compress(self, data_list: list[Any]) -> dict[str, Any]:
         config: dict[str, Any] = {}
@@ -207,10 +225,8 @@ _FALLBACK_PARTS = (
 )
 
 
-class FallbackWidget(forms.MultiWidget):
+class FallbackWidget(_LabelledPartsWidget):
     """The fallback answer's status, body and headers as labelled inputs (instead of a JSON text area)."""
-
-    template_name = "admin/proxy/route/health_check_widget.html"  # labelled parts side by side
 
     def __init__(self) -> None:
         text = {"rows": 4, "cols": 48}
@@ -233,11 +249,8 @@ class FallbackWidget(forms.MultiWidget):
             "\n".join(f"{name}: {text}" for name, text in headers.items()) if isinstance(headers, dict) else "",
         ]
 
-    def get_context(self, name: str, value: Any, attrs: dict[str, Any] | None) -> dict[str, Any]:
-        context = super().get_context(name, value, attrs)
-        for subwidget, (_, label) in zip(context["widget"]["subwidgets"], _FALLBACK_PARTS, strict=True):
-            subwidget["label"] = label
-        return context
+    def part_labels(self) -> list[str]:
+        return [label for _, label in _FALLBACK_PARTS]
 
 
 def _header_lines(text: str) -> dict[str, str]:
@@ -252,7 +265,7 @@ def _header_lines(text: str) -> dict[str, str]:
     return headers
 
 
-class FallbackField(forms.MultiValueField):
+class FallbackField(_PartsField):
     """``{"status", "body", "headers"}`` from the widget's parts: {} when all are empty. A body that is a JSON
     object or array is kept as JSON (answered as application/json), any other text as a string (text/plain).
     Checked by the service's ``fallback_errors`` (through ``route_validate`` in the form's ``clean``)."""
@@ -260,14 +273,12 @@ class FallbackField(forms.MultiValueField):
     widget = FallbackWidget
 
     def __init__(self, **kwargs: Any) -> None:
-        for name in ("encoder", "decoder", "max_length"):
-            kwargs.pop(name, None)
         parts = (
             forms.IntegerField(required=False),
             forms.CharField(required=False, strip=False),
             forms.CharField(required=False),
         )
-        super().__init__(parts, require_all_fields=False, **{**kwargs, "required": False})
+        super().__init__(parts, **kwargs)
 
     def compress(self, data_list: list[Any]) -> dict[str, Any]:
         status, body, headers = (list(data_list or []) + [None, "", ""])[:3]
